@@ -1,0 +1,114 @@
+#include "output_cache.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace lipkernels {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMinBytes = int64_t(1) << 20;
+constexpr int64_t kAlign = int64_t(2) << 20;
+
+int64_t limit_bytes() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("LIPKERNELS_CPU_CACHE_MB");
+    int64_t mb = 1024;
+    if (env && *env) mb = std::max<int64_t>(0, std::atoll(env));
+    return mb << 20;
+  }();
+  return limit;
+}
+
+// Freed blocks by size. Never destroyed: tensors may be freed during interpreter
+// shutdown, after static destructors would have run.
+struct Pool {
+  std::mutex mu;
+  std::multimap<int64_t, void*> free_blocks;
+  int64_t cached = 0;
+};
+Pool& pool() {
+  static Pool* p = new Pool();
+  return *p;
+}
+
+void* take(int64_t bytes) {
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto it = p.free_blocks.find(bytes);
+    if (it != p.free_blocks.end()) {
+      void* ptr = it->second;
+      p.free_blocks.erase(it);
+      p.cached -= bytes;
+      return ptr;
+    }
+  }
+  void* ptr = nullptr;
+  if (posix_memalign(&ptr, kAlign, bytes) != 0) return nullptr;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(ptr, bytes, MADV_HUGEPAGE);
+#endif
+  return ptr;
+}
+
+void give_back(void* ptr, int64_t bytes) {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  if (p.cached + bytes > limit_bytes()) {
+    // Make room, largest blocks first; free this one if it still does not fit.
+    while (!p.free_blocks.empty() && p.cached + bytes > limit_bytes()) {
+      auto last = std::prev(p.free_blocks.end());
+      std::free(last->second);
+      p.cached -= last->first;
+      p.free_blocks.erase(last);
+    }
+    if (p.cached + bytes > limit_bytes()) {
+      std::free(ptr);
+      return;
+    }
+  }
+  p.free_blocks.emplace(bytes, ptr);
+  p.cached += bytes;
+}
+
+}  // namespace
+
+at::Tensor empty_output_like(const at::Tensor& g) {
+  const int64_t bytes = g.numel() * static_cast<int64_t>(g.element_size());
+  if (bytes < kMinBytes || limit_bytes() == 0 || !g.device().is_cpu())
+    return at::empty_like(g);
+  const int64_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+  void* ptr = take(rounded);
+  if (!ptr) return at::empty_like(g);
+  return at::from_blob(
+      ptr, g.sizes(), g.strides(), [rounded](void* p) { give_back(p, rounded); },
+      g.options().requires_grad(false));
+}
+
+int64_t output_cache_bytes() {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  return p.cached;
+}
+
+void output_cache_clear() {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  for (auto& kv : p.free_blocks) std::free(kv.second);
+  p.free_blocks.clear();
+  p.cached = 0;
+}
+
+}  // namespace cpu
+}  // namespace lipkernels

@@ -1,0 +1,414 @@
+// The lipkernels operator library: every schema is declared here, once; the
+// device kernels register under these schemas in cpu/ (and cuda/), the fake
+// (meta) kernels in lipkernels/ops/_registry.py.
+//
+// Public ops (differentiable, autograd in C++ below):
+//   sample_norm, gn_normalize, gran_normalize, gradient_penalty, r1_penalty,
+//   sample_scale, sample_dot, spectral_normalize
+// Kernel ops (one per device kernel, no derivative):
+//   _norm_epilogue, _norm_epilogue_backward, power_iteration, _sn_forward, _sn_store_vectors_,
+//   _sn_backward, clip_
+//
+// Backward passes are exact. When a backward runs with create_graph=True it is
+// built from differentiable ops (sample_norm, sample_scale, sample_dot, ATen), so
+// every public op supports derivatives of any order; otherwise it runs the fused
+// single-pass backward kernel.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/dot.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/outer.h>
+#include <ATen/ops/where.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "binding_utils.h"
+#include "cpu/output_cache.h"
+#include "epilogue.h"
+
+#ifndef LIPKERNELS_VERSION
+#define LIPKERNELS_VERSION unknown
+#endif
+#ifndef LIPKERNELS_CUDA_ARCHS
+#define LIPKERNELS_CUDA_ARCHS
+#endif
+#define LK_STR_(x) #x
+#define LK_STR(x) LK_STR_(x)
+
+namespace lipkernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Function;
+using torch::autograd::variable_list;
+using at::Tensor;
+
+const char* epilogue_name(Epilogue e) {
+  switch (e) {
+    case Epilogue::Norm: return "norm";
+    case Epilogue::GN: return "gn";
+    case Epilogue::GraN: return "gran";
+    case Epilogue::GP: return "gp";
+    case Epilogue::R1: return "r1";
+  }
+  return "?";
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+#define LK_OP(fn, name, sig)                                 \
+  const c10::TypedOperatorHandle<sig>& fn() {                \
+    static const auto handle = find_op<sig>("lipkernels::" name); \
+    return handle;                                           \
+  }
+
+using TensorPair = std::tuple<Tensor, Tensor>;
+LK_OP(norm_epilogue_op, "_norm_epilogue",
+      TensorPair(const Tensor&, const std::optional<Tensor>&, c10::string_view, double))
+LK_OP(norm_epilogue_backward_op, "_norm_epilogue_backward",
+      TensorPair(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                 c10::string_view, double))
+LK_OP(sample_norm_op, "sample_norm", Tensor(const Tensor&))
+LK_OP(sample_scale_op, "sample_scale", Tensor(const Tensor&, const Tensor&))
+LK_OP(sample_dot_op, "sample_dot", Tensor(const Tensor&, const Tensor&))
+LK_OP(power_iteration_op, "power_iteration",
+      Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t, double))
+using SnForwardResult = std::tuple<std::vector<Tensor>, Tensor, Tensor>;
+LK_OP(sn_forward_op, "_sn_forward",
+      SnForwardResult(at::TensorList, at::TensorList, at::TensorList, int64_t, double))
+LK_OP(sn_store_vectors_op, "_sn_store_vectors_",
+      void(at::TensorList, at::TensorList, const Tensor&))
+LK_OP(sn_backward_op, "_sn_backward",
+      std::vector<Tensor>(at::TensorList, at::TensorList, const Tensor&, const Tensor&, double))
+
+// ------------------------------------------------- per-sample norm family
+
+// The epilogue's backward written with differentiable ops (used under create_graph).
+// Mirrors epilogue_backward() in epilogue.h; guarded divisions keep the unused
+// branch of every where() finite, so no NaN leaks into higher derivatives.
+std::pair<Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, const Tensor& go,
+                                                           const Tensor& f, const Tensor& n,
+                                                           double param) {
+  const Tensor pos = n > 0;
+  const Tensor inv_n = pos.to(n.scalar_type()) / at::where(pos, n, at::ones_like(n));
+  switch (e) {
+    case Epilogue::Norm:
+      return {Tensor(), go * inv_n};
+    case Epilogue::GN: {
+      const Tensor d = n + f.abs();
+      const Tensor dpos = d > 0;
+      const Tensor d_safe = at::where(dpos, d, at::ones_like(d));
+      const Tensor w = dpos.to(d.scalar_type()) / (d_safe * d_safe);
+      return {go * n * w, -go * f * w * inv_n};
+    }
+    case Epilogue::GraN: {
+      const Tensor q = n * n + param;
+      return {go * n / q, go * f * ((param - n * n) / q / q) * inv_n};
+    }
+    case Epilogue::GP:
+      return {Tensor(), go * 2 * (n - param) * inv_n};
+    case Epilogue::R1:
+      return {Tensor(), go * 2};
+  }
+  return {};
+}
+
+struct NormEpilogueFn : public Function<NormEpilogueFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const std::optional<Tensor>& f,
+                        int64_t epilogue, double param) {
+    const auto e = static_cast<Epilogue>(epilogue);
+    Tensor out, norm;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, norm) = norm_epilogue_op().call(g, f, epilogue_name(e), param);
+    }
+    ctx->save_for_backward({g, f.value_or(Tensor()), norm});
+    ctx->saved_data["epilogue"] = epilogue;
+    ctx->saved_data["param"] = param;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &g = saved[0], &f = saved[1], &norm = saved[2];
+    const auto e = static_cast<Epilogue>(ctx->saved_data["epilogue"].toInt());
+    const double param = ctx->saved_data["param"].toDouble();
+    const Tensor& go = grads[0];
+    Tensor grad_f, grad_g;
+    if (torch::autograd::GradMode::is_enabled()) {
+      // Recompute n with the differentiable op so that d/dg of this backward sees n(g).
+      const Tensor n = sample_norm_op().call(g);
+      Tensor coef;
+      std::tie(grad_f, coef) = epilogue_backward_differentiable(e, go, f, n, param);
+      grad_g = sample_scale_op().call(g, coef);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      const std::optional<Tensor> fo = f.defined() ? std::optional<Tensor>(f) : std::nullopt;
+      std::tie(grad_f, grad_g) =
+          norm_epilogue_backward_op().call(go, g, fo, norm, epilogue_name(e), param);
+    }
+    return {grad_g, f.defined() ? grad_f : Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor apply_norm_epilogue(const Tensor& g, const std::optional<Tensor>& f, Epilogue e,
+                           double param) {
+  return NormEpilogueFn::apply(g, f, static_cast<int64_t>(e), param);
+}
+
+Tensor forward_norm_epilogue(const Tensor& g, const std::optional<Tensor>& f, Epilogue e,
+                             double param) {
+  return std::get<0>(norm_epilogue_op().call(g, f, epilogue_name(e), param));
+}
+
+void check_gran_eps(double eps) {
+  TORCH_CHECK(eps > 0, "lipkernels::gran_normalize: eps must be > 0, got ", eps);
+}
+
+// Autograd kernels of the public ops.
+Tensor sample_norm_autograd(const Tensor& g) {
+  return apply_norm_epilogue(g, std::nullopt, Epilogue::Norm, 0.0);
+}
+Tensor gn_normalize_autograd(const Tensor& f, const Tensor& g) {
+  return apply_norm_epilogue(g, f, Epilogue::GN, 0.0);
+}
+Tensor gran_normalize_autograd(const Tensor& f, const Tensor& g, double eps) {
+  check_gran_eps(eps);
+  return apply_norm_epilogue(g, f, Epilogue::GraN, eps);
+}
+Tensor gradient_penalty_autograd(const Tensor& g, double center) {
+  return apply_norm_epilogue(g, std::nullopt, Epilogue::GP, center).mean();
+}
+Tensor r1_penalty_autograd(const Tensor& g) {
+  return apply_norm_epilogue(g, std::nullopt, Epilogue::R1, 0.0).mean();
+}
+
+// Forward-only kernels of the same ops (inference mode, and below autograd).
+Tensor sample_norm_forward(const Tensor& g) {
+  return forward_norm_epilogue(g, std::nullopt, Epilogue::Norm, 0.0);
+}
+Tensor gn_normalize_forward(const Tensor& f, const Tensor& g) {
+  return forward_norm_epilogue(g, f, Epilogue::GN, 0.0);
+}
+Tensor gran_normalize_forward(const Tensor& f, const Tensor& g, double eps) {
+  check_gran_eps(eps);
+  return forward_norm_epilogue(g, f, Epilogue::GraN, eps);
+}
+Tensor gradient_penalty_forward(const Tensor& g, double center) {
+  return forward_norm_epilogue(g, std::nullopt, Epilogue::GP, center).mean();
+}
+Tensor r1_penalty_forward(const Tensor& g) {
+  return forward_norm_epilogue(g, std::nullopt, Epilogue::R1, 0.0).mean();
+}
+
+// out_ij = c_i g_ij. d/dg = c_i grad_ij, d/dc_i = sum_j grad_ij g_ij: both public
+// differentiable ops, so this closes under differentiation.
+struct SampleScaleFn : public Function<SampleScaleFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& c) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({g, c});
+    return sample_scale_op().call(g, c);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &g = saved[0], &c = saved[1];
+    return {sample_scale_op().call(grads[0], c),
+            sample_dot_op().call(grads[0], g).to(c.scalar_type())};
+  }
+};
+
+struct SampleDotFn : public Function<SampleDotFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({a, b});
+    return sample_dot_op().call(a, b);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    return {sample_scale_op().call(saved[1], grads[0]), sample_scale_op().call(saved[0], grads[0])};
+  }
+};
+
+Tensor sample_scale_autograd(const Tensor& g, const Tensor& c) { return SampleScaleFn::apply(g, c); }
+Tensor sample_dot_autograd(const Tensor& a, const Tensor& b) { return SampleDotFn::apply(a, b); }
+
+// ------------------------------------------------- spectral normalization
+
+// W_sn = W / sigma with sigma = u^T W v after the power iteration; u and v are
+// constants for the derivative (as in torch.nn.utils.parametrizations.spectral_norm),
+// so dL/dW = (G - <G, W_sn> u v^T) / sigma.
+struct SpectralNormalizeFn : public Function<SpectralNormalizeFn> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList weights,
+                               const std::vector<Tensor>& us, const std::vector<Tensor>& vs,
+                               int64_t n_power_iterations, double eps, bool training) {
+    for (size_t i = 0; i < us.size(); ++i)
+      TORCH_CHECK(!us[i].requires_grad() && !(i < vs.size() && vs[i].requires_grad()),
+                  "lipkernels::spectral_normalize: us[", i, "] and vs[", i,
+                  "] are updated in place and must not require grad");
+    const int64_t iters = training ? n_power_iterations : 0;
+    std::vector<Tensor> w_sn;
+    Tensor sigmas, uv;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      // uv: the updated vectors, kept for the backward (a later forward updates us, vs
+      // in place before this backward runs).
+      std::tie(w_sn, sigmas, uv) = sn_forward_op().call(weights, us, vs, iters, eps);
+      if (iters > 0) sn_store_vectors_op().call(us, vs, uv);
+    }
+    if (iters > 0) {
+      for (const auto& u : us) torch::autograd::increment_version(u);
+      for (const auto& v : vs) torch::autograd::increment_version(v);
+    }
+    variable_list to_save(weights.begin(), weights.end());
+    to_save.push_back(uv);
+    to_save.push_back(sigmas);
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["eps"] = eps;
+    return w_sn;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const size_t L = grads.size();
+    const std::vector<Tensor> weights(saved.begin(), saved.begin() + L);
+    const Tensor& uv = saved[L];
+    const Tensor& sigmas = saved[L + 1];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    variable_list out;
+    if (torch::autograd::GradMode::is_enabled()) {
+      // Differentiable form: sigma recomputed from W so that d/dW of this sees sigma(W).
+      int64_t off = 0;
+      for (size_t l = 0; l < L; ++l) {
+        const Tensor& W = weights[l];
+        const int64_t m = W.size(0), k = W.numel() / m;
+        const Tensor u = uv.narrow(0, off, m), v = uv.narrow(0, off + m, k);
+        off += m + k;
+        const Tensor sigma = at::dot(u, at::mv(W.reshape({m, k}), v));
+        const Tensor clamped = sigma.abs() < eps;
+        const Tensor s_eff = at::where(clamped, at::full_like(sigma, eps), sigma);
+        const Tensor c = at::where(clamped, at::zeros_like(sigma), (grads[l] * (W / s_eff)).sum());
+        out.push_back((grads[l] - c * at::outer(u, v).view_as(W)) / s_eff);
+      }
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = sn_backward_op().call(grads, weights, uv, sigmas, eps);
+    }
+    for (int i = 0; i < 5; ++i) out.emplace_back();  // us, vs, n_power_iterations, eps, training
+    return out;
+  }
+};
+
+std::vector<Tensor> spectral_normalize_autograd(at::TensorList weights, at::TensorList us,
+                                                at::TensorList vs, int64_t n_power_iterations,
+                                                double eps, bool training) {
+  return SpectralNormalizeFn::apply(weights, us.vec(), vs.vec(), n_power_iterations, eps,
+                                    training);
+}
+
+std::vector<Tensor> spectral_normalize_forward(at::TensorList weights, at::TensorList us,
+                                               at::TensorList vs, int64_t n_power_iterations,
+                                               double eps, bool training) {
+  const int64_t iters = training ? n_power_iterations : 0;
+  auto [w_sn, sigmas, uv] = sn_forward_op().call(weights, us, vs, iters, eps);
+  if (iters > 0) sn_store_vectors_op().call(us, vs, uv);
+  return w_sn;
+}
+
+// ------------------------------------------------- build information
+
+std::string build_info() {
+  std::string s = "{\"version\": \"" LK_STR(LIPKERNELS_VERSION) "\", \"cpu\": true";
+#ifdef _OPENMP
+  s += ", \"openmp\": true";
+#else
+  s += ", \"openmp\": false";
+#endif
+#ifdef LIPKERNELS_WITH_CUDA
+  s += ", \"cuda\": true, \"cuda_archs\": \"" LK_STR(LIPKERNELS_CUDA_ARCHS) "\"";
+#else
+  s += ", \"cuda\": false, \"cuda_archs\": \"\"";
+#endif
+  s += "}";
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lipkernels, m) {
+  // Per-sample gradient norm family. g: (B, ...), f: (B,).
+  m.def("sample_norm(Tensor g) -> Tensor");
+  m.def("gn_normalize(Tensor f, Tensor g) -> Tensor");
+  m.def("gran_normalize(Tensor f, Tensor g, float eps) -> Tensor");
+  m.def("gradient_penalty(Tensor g, float center) -> Tensor");
+  m.def("r1_penalty(Tensor g) -> Tensor");
+  m.def("sample_scale(Tensor g, Tensor c) -> Tensor");
+  m.def("sample_dot(Tensor a, Tensor b) -> Tensor");
+  m.def("_norm_epilogue(Tensor g, Tensor? f, str epilogue, float param) -> (Tensor, Tensor)");
+  m.def(
+      "_norm_epilogue_backward(Tensor grad_out, Tensor g, Tensor? f, Tensor norm, str epilogue, "
+      "float param) -> (Tensor, Tensor)");
+  // Spectral normalization of a list of layers; weights viewed as w.flatten(1).
+  m.def(
+      "power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_power_iterations, "
+      "float eps) -> Tensor");
+  m.def(
+      "spectral_normalize(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, "
+      "int n_power_iterations, float eps, bool training) -> Tensor[]");
+  // Power iteration + W_sn, functional: returns (W_sn list, sigmas (L,), the updated
+  // vectors flattened as u_0, v_0, u_1, v_1, ...), which _sn_store_vectors_ writes back.
+  m.def(
+      "_sn_forward(Tensor[] weights, Tensor[] us, Tensor[] vs, int n_power_iterations, "
+      "float eps) -> (Tensor[], Tensor, Tensor)");
+  m.def("_sn_store_vectors_(Tensor(a!)[] us, Tensor(b!)[] vs, Tensor uv) -> ()");
+  m.def("_sn_backward(Tensor[] grads, Tensor[] weights, Tensor uv, Tensor sigmas, float eps) -> Tensor[]");
+  // WGAN weight clipping of many tensors in one call.
+  m.def("clip_(Tensor(a!)[] tensors, float c) -> ()");
+  m.def("_build_info() -> str", &build_info);
+  // The CPU kernels' cache of freed output blocks (cpu/output_cache.h).
+  m.def("_cpu_output_cache_bytes() -> int", &cpu::output_cache_bytes);
+  m.def("_cpu_output_cache_clear() -> ()", &cpu::output_cache_clear);
+}
+
+TORCH_LIBRARY_IMPL(lipkernels, Autograd, m) {
+  m.impl("sample_norm", &sample_norm_autograd);
+  m.impl("gn_normalize", &gn_normalize_autograd);
+  m.impl("gran_normalize", &gran_normalize_autograd);
+  m.impl("gradient_penalty", &gradient_penalty_autograd);
+  m.impl("r1_penalty", &r1_penalty_autograd);
+  m.impl("sample_scale", &sample_scale_autograd);
+  m.impl("sample_dot", &sample_dot_autograd);
+  m.impl("spectral_normalize", &spectral_normalize_autograd);
+  for (const char* name : {"_norm_epilogue", "_norm_epilogue_backward", "power_iteration",
+                           "_sn_forward", "_sn_store_vectors_", "_sn_backward", "clip_"})
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(lipkernels, ADInplaceOrView, m) {
+  m.impl("power_iteration", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("_sn_store_vectors_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("clip_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}
+
+TORCH_LIBRARY_IMPL(lipkernels, CompositeExplicitAutograd, m) {
+  m.impl("sample_norm", &sample_norm_forward);
+  m.impl("gn_normalize", &gn_normalize_forward);
+  m.impl("gran_normalize", &gran_normalize_forward);
+  m.impl("gradient_penalty", &gradient_penalty_forward);
+  m.impl("r1_penalty", &r1_penalty_forward);
+  m.impl("spectral_normalize", &spectral_normalize_forward);
+}
+
+}  // namespace lipkernels

@@ -1,0 +1,112 @@
+"""Fake (meta) kernels of the compiled operators, so ``torch.compile``, FakeTensor and
+``torch.library.opcheck`` can trace them. Shapes and dtypes only; the schemas are
+declared once, in csrc/ops.cpp."""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_sample(g: torch.Tensor) -> torch.Tensor:
+    return g.new_empty((g.shape[0],))
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    dims = sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _like_sample_blocks(g: torch.Tensor) -> torch.Tensor:
+    """empty_like(g) as the kernels allocate it: g's strides when every sample is one
+    dense block of memory (binding_utils.h: has_sample_blocks), else contiguous."""
+    batch = g.shape[0]
+    dense = g.is_contiguous() or (
+        _non_overlapping_and_dense(g)
+        and (batch == 1 or g.stride(0) * batch == g.numel()))
+    return torch.empty_like(g) if dense else torch.empty_like(
+        g, memory_format=torch.contiguous_format)
+
+
+def register() -> None:
+    if not _extension.loaded():
+        return
+    lib = "lipkernels::"
+    fake = torch.library.register_fake
+
+    @fake(lib + "_norm_epilogue")
+    def _(g, f, epilogue, param):
+        return _per_sample(g), g.new_empty((g.shape[0],), dtype=_acc(g.dtype))
+
+    @fake(lib + "_norm_epilogue_backward")
+    def _(grad_out, g, f, norm, epilogue, param):
+        grad_f = g.new_empty((g.shape[0],) if f is not None else (0,))
+        return grad_f, _like_sample_blocks(g)
+
+    @fake(lib + "sample_norm")
+    def _(g):
+        return _per_sample(g)
+
+    @fake(lib + "gn_normalize")
+    def _(f, g):
+        return torch.empty_like(f)
+
+    @fake(lib + "gran_normalize")
+    def _(f, g, eps):
+        return torch.empty_like(f)
+
+    @fake(lib + "gradient_penalty")
+    def _(g, center):
+        return g.new_empty(())
+
+    @fake(lib + "r1_penalty")
+    def _(g):
+        return g.new_empty(())
+
+    @fake(lib + "sample_scale")
+    def _(g, c):
+        return _like_sample_blocks(g)
+
+    @fake(lib + "sample_dot")
+    def _(a, b):
+        return _per_sample(a)
+
+    @fake(lib + "power_iteration")
+    def _(weights, us, vs, n_power_iterations, eps):
+        if not weights:
+            return torch.empty(0)
+        return weights[0].new_empty((len(weights),), dtype=_acc(weights[0].dtype))
+
+    @fake(lib + "spectral_normalize")
+    def _(weights, us, vs, n_power_iterations, eps, training):
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+    @fake(lib + "_sn_forward")
+    def _(weights, us, vs, n_power_iterations, eps):
+        dtype = weights[0].dtype if weights else torch.float32
+        like = weights[0] if weights else torch.empty(0)
+        outs = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+        sigmas = like.new_empty((len(weights),), dtype=_acc(dtype))
+        uv = like.new_empty((sum(u.shape[0] + v.shape[0] for u, v in zip(us, vs)),), dtype=dtype)
+        return outs, sigmas, uv
+
+    @fake(lib + "_sn_store_vectors_")
+    def _(us, vs, uv):
+        return None
+
+    @fake(lib + "_sn_backward")
+    def _(grads, weights, uv, sigmas, eps):
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+    @fake(lib + "clip_")
+    def _(tensors, c):
+        return None

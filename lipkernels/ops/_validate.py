@@ -1,0 +1,111 @@
+"""Argument checks shared by the public ops: every error names the op, the argument
+and what was expected, before any kernel sees the input."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def tensor(op: str, name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor "
+                        f"(float64, float32, float16 or bfloat16), got {t.dtype}")
+    return t
+
+
+def per_sample_grad(op: str, g, name: str = "g") -> torch.Tensor:
+    """g: (B, ...) with rank >= 2 and B >= 1."""
+    tensor(op, name, g)
+    if g.dim() < 2:
+        raise ValueError(f"{op}: {name} must have shape (B, ...) with rank >= 2 "
+                         f"(one row per sample), got shape {tuple(g.shape)}")
+    if g.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must hold at least one sample, got batch size 0")
+    return g
+
+
+def same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: {name_a} is on {a.device} but {name_b} is on {b.device}; "
+                         f"both must be on the same device")
+
+
+def scores(op: str, f, g: torch.Tensor) -> torch.Tensor:
+    """f: (B,) or (B, 1) matching g's batch, dtype and device. Returns f as (B,)."""
+    tensor(op, "f", f)
+    batch = g.shape[0]
+    shape = f.shape
+    if shape != (batch,) and shape != (batch, 1):
+        raise ValueError(f"{op}: f must have shape (B,) or (B, 1) with B = g.shape[0] = {batch}, "
+                         f"got {tuple(shape)}")
+    if f.device != g.device:
+        same_device(op, "f", f, "g", g)
+    if f.dtype != g.dtype:
+        raise TypeError(f"{op}: f has dtype {f.dtype} but g has dtype {g.dtype}; they must match")
+    return f if len(shape) == 1 else f.reshape(batch)
+
+
+def positive(op: str, name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if not (x > 0 and math.isfinite(x)):
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {x}")
+    return x
+
+
+def finite(op: str, name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{op}: {name} must be finite, got {x}")
+    return x
+
+
+def non_negative_int(op: str, name: str, x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(x).__name__}")
+    if x < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {x}")
+    return x
+
+
+def spectral_batch(op: str, weights: Sequence, us: Sequence, vs: Sequence) -> None:
+    """Lists of weights (viewed as w.flatten(1), shape (m, k)), u (m,), v (k,),
+    one dtype and one device for all."""
+    for name, seq in (("weights", weights), ("us", us), ("vs", vs)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{op}: {name} must be a list of tensors, got {type(seq).__name__}")
+    if not (len(weights) == len(us) == len(vs)):
+        raise ValueError(f"{op}: weights, us and vs must have the same length, "
+                         f"got {len(weights)}, {len(us)} and {len(vs)}")
+    for i, (w, u, v) in enumerate(zip(weights, us, vs)):
+        tensor(op, f"weights[{i}]", w)
+        tensor(op, f"us[{i}]", u)
+        tensor(op, f"vs[{i}]", v)
+        if w.dim() < 2 or w.numel() == 0:
+            raise ValueError(f"{op}: weights[{i}] must be a non-empty tensor of rank >= 2 "
+                             f"(viewed as w.flatten(1)), got shape {tuple(w.shape)}")
+        m = w.shape[0]
+        k = w.numel() // m
+        if tuple(u.shape) != (m,):
+            raise ValueError(f"{op}: us[{i}] must have shape ({m},) for weights[{i}] of shape "
+                             f"{tuple(w.shape)}, got {tuple(u.shape)}")
+        if tuple(v.shape) != (k,):
+            raise ValueError(f"{op}: vs[{i}] must have shape ({k},) for weights[{i}] of shape "
+                             f"{tuple(w.shape)}, got {tuple(v.shape)}")
+        for name, t in ((f"weights[{i}]", w), (f"us[{i}]", u), (f"vs[{i}]", v)):
+            same_device(op, name, t, "weights[0]", weights[0])
+            if t.dtype != weights[0].dtype:
+                raise TypeError(f"{op}: {name} has dtype {t.dtype} but weights[0] has dtype "
+                                f"{weights[0].dtype}; one call takes one dtype")
+        if not (u.is_contiguous() and v.is_contiguous()):
+            raise ValueError(f"{op}: us[{i}] and vs[{i}] must be contiguous (updated in place)")
+        if u.requires_grad or v.requires_grad:
+            raise ValueError(f"{op}: us[{i}] and vs[{i}] are updated in place and must not "
+                             f"require grad")

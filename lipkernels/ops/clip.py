@@ -1,0 +1,41 @@
+"""WGAN weight clipping (MATH.md section 6): clamp many tensors to ``[-c, c]`` in one
+multi-tensor call."""
+from __future__ import annotations
+
+from typing import Iterable, List
+
+import torch
+
+from .. import backends
+from . import _validate
+
+
+@torch.no_grad()
+def clip_reference(tensors: List[torch.Tensor], c: float) -> None:
+    """``torch._foreach_clamp_{min,max}_`` over the list."""
+    if tensors:
+        torch._foreach_clamp_min_(tensors, -c)
+        torch._foreach_clamp_max_(tensors, c)
+
+
+@torch.no_grad()
+def clip_(tensors: Iterable[torch.Tensor], c: float) -> None:
+    """Clamp every tensor to ``[-c, c]`` in place.
+
+    Tensors the compiled kernel can't take (non-contiguous, or another device than the
+    backend's) go through the ``torch._foreach`` reference in one call.
+    """
+    c = _validate.positive("clip_", "c", c)
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        _validate.tensor("clip_", f"tensors[{i}]", t)
+    fast: List[torch.Tensor] = []
+    rest: List[torch.Tensor] = []
+    for t in tensors:
+        if t.is_contiguous() and backends.select(t.device) == "cpu":
+            fast.append(t)
+        else:
+            rest.append(t)
+    if fast:
+        torch.ops.lipkernels.clip_(fast, c)
+    clip_reference(rest, c)

@@ -1,0 +1,134 @@
+"""Per-sample gradient norm and its fused epilogues (MATH.md sections 2-5).
+
+For a per-sample gradient ``g`` of shape ``(B, ...)`` and ``n_i = ||g_i||_2`` over all
+non-batch dimensions:
+
+=====================  ===========================================  ==============
+op                     forward                                      returns
+=====================  ===========================================  ==============
+``sample_norm(g)``     ``n``                                        ``(B,)``
+``gn_normalize``       ``f / (n + |f|)``                            shape of ``f``
+``gran_normalize``     ``f * n / (n^2 + eps)``                      shape of ``f``
+``gradient_penalty``   ``mean_i (n_i - center)^2``                  scalar
+``r1_penalty``         ``mean_i n_i^2``                             scalar
+=====================  ===========================================  ==============
+
+Edge cases (finite input never gives NaN or Inf):
+
+* ``dn_i/dg_i = g_i / n_i`` is defined as 0 where ``n_i = 0`` (as in
+  ``torch.linalg.vector_norm``), so a zero gradient gets a zero gradient back;
+* GN at ``f_i = 0`` and ``n_i = 0`` (0/0) is defined as 0, with zero derivatives.
+
+Compiled backends read ``g`` once forward and once backward (plus one write of
+``dL/dg``), accumulate in float32 for float16/bfloat16 inputs, and support
+derivatives of every order (a backward taken with ``create_graph=True`` is built from
+differentiable ops).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from . import _validate
+
+# ----------------------------------------------------------------- references
+
+
+def sample_norm_reference(g: torch.Tensor) -> torch.Tensor:
+    """``n_i = ||g_i||_2`` over all non-batch dims, plain PyTorch."""
+    return torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())))
+
+
+def gn_normalize_reference(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``f / (n + |f|)``, 0 where ``n + |f| = 0``. ``f``: (B,) or (B, 1)."""
+    n = sample_norm_reference(g)
+    fb = f.reshape(-1)
+    d = n + fb.abs()
+    pos = d > 0
+    out = torch.where(pos, fb / torch.where(pos, d, torch.ones_like(d)), torch.zeros_like(fb))
+    return out.reshape(f.shape)
+
+
+def gran_normalize_reference(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """``f * n / (n^2 + eps)``."""
+    n = sample_norm_reference(g)
+    return (f.reshape(-1) * n / (n * n + eps)).reshape(f.shape)
+
+
+def gradient_penalty_reference(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
+    """``mean_i (n_i - center)^2`` (WGAN-GP without its weight)."""
+    return ((sample_norm_reference(g) - center) ** 2).mean()
+
+
+def r1_penalty_reference(g: torch.Tensor) -> torch.Tensor:
+    """``mean_i n_i^2`` (R1 without its gamma / 2)."""
+    return g.square().sum(dim=tuple(range(1, g.dim()))).mean()
+
+
+# ----------------------------------------------------------------- dispatch
+
+def sample_norm(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm ``n_i = ||g_i||_2`` over all non-batch dims.
+
+    Args:
+        g: ``(B, ...)``, rank >= 2, floating point; any layout.
+    Returns:
+        ``(B,)`` in ``g``'s dtype.
+    """
+    _validate.per_sample_grad("sample_norm", g)
+    if backends.select(g.device) == "reference":
+        return sample_norm_reference(g)
+    return torch.ops.lipkernels.sample_norm(g)
+
+
+def gn_normalize(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """GN-GAN gradient normalization ``f / (||g|| + |f|)``, in ``[-1, 1]``.
+
+    Args:
+        f: discriminator outputs, ``(B,)`` or ``(B, 1)``.
+        g: ``dsum(f)/dx``, ``(B, ...)``, same dtype and device as ``f``.
+    Returns:
+        same shape as ``f``. Defined as 0 where ``f = 0`` and ``g = 0``.
+    """
+    _validate.per_sample_grad("gn_normalize", g)
+    fb = _validate.scores("gn_normalize", f, g)
+    if backends.select(g.device) == "reference":
+        return gn_normalize_reference(f, g)
+    out = torch.ops.lipkernels.gn_normalize(fb, g)
+    return out if fb is f else out.view(f.shape)
+
+
+def gran_normalize(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """GraN-GAN piecewise gradient normalization ``f * ||g|| / (||g||^2 + eps)``.
+
+    Args:
+        f: ``(B,)`` or ``(B, 1)``; g: ``(B, ...)``; eps: finite number > 0.
+    Returns:
+        same shape as ``f``.
+    """
+    _validate.per_sample_grad("gran_normalize", g)
+    fb = _validate.scores("gran_normalize", f, g)
+    eps = _validate.positive("gran_normalize", "eps", eps)
+    if backends.select(g.device) == "reference":
+        return gran_normalize_reference(f, g, eps)
+    out = torch.ops.lipkernels.gran_normalize(fb, g, eps)
+    return out if fb is f else out.view(f.shape)
+
+
+def gradient_penalty(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
+    """WGAN-GP epilogue ``mean_i (||g_i|| - center)^2`` (multiply by the weight yourself,
+    or use :func:`lipkernels.gradient_penalty`, which takes the critic)."""
+    _validate.per_sample_grad("gradient_penalty", g)
+    center = _validate.finite("gradient_penalty", "center", center)
+    if backends.select(g.device) == "reference":
+        return gradient_penalty_reference(g, center)
+    return torch.ops.lipkernels.gradient_penalty(g, center)
+
+
+def r1_penalty(g: torch.Tensor) -> torch.Tensor:
+    """R1 epilogue ``mean_i ||g_i||^2`` (multiply by gamma / 2 yourself, or use
+    :func:`lipkernels.r1_penalty`, which takes the discriminator)."""
+    _validate.per_sample_grad("r1_penalty", g)
+    if backends.select(g.device) == "reference":
+        return r1_penalty_reference(g)
+    return torch.ops.lipkernels.r1_penalty(g)
