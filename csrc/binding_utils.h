@@ -85,6 +85,12 @@ inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Per-sample outputs have g's dtype, except the penalties' squared norms, which
+// would overflow float16: those (and the penalties) are in the accumulation type.
+inline at::ScalarType epilogue_out_dtype(Epilogue e, at::ScalarType g_dtype) {
+  return (e == Epilogue::GP || e == Epilogue::R1) ? acc_type_of(g_dtype) : g_dtype;
+}
+
 // Spectral-norm batches: lists of weights (viewed as matrices w.flatten(1), shape
 // (m, k)), and their vectors u (m,) and v (k,), all of one dtype and device.
 inline void check_spectral_batch(at::TensorList weights, at::TensorList us, at::TensorList vs,

@@ -91,6 +91,7 @@ LK_OP(sn_forward_op, "_sn_forward",
       SnForwardResult(at::TensorList, at::TensorList, at::TensorList, int64_t, double))
 LK_OP(sn_store_vectors_op, "_sn_store_vectors_",
       void(at::TensorList, at::TensorList, const Tensor&))
+LK_OP(clip_op, "clip_", void(at::TensorList, double))
 LK_OP(sn_backward_op, "_sn_backward",
       std::vector<Tensor>(at::TensorList, at::TensorList, const Tensor&, const Tensor&, double))
 
@@ -327,6 +328,59 @@ std::vector<Tensor> spectral_normalize_forward(at::TensorList weights, at::Tenso
   return w_sn;
 }
 
+// ------------------------------------------------- in-place kernel ops
+
+// Autograd kernels of the ops that update tensors in place and have no derivative:
+// refuse inputs that would need one, run the kernel, and bump the version counters of
+// what changed (so a graph that saved those tensors notices).
+void bump_versions(at::TensorList ts) {
+  for (const auto& t : ts) torch::autograd::increment_version(t);
+}
+
+void check_no_grad(at::TensorList ts, const char* op, const char* name) {
+  if (!torch::autograd::GradMode::is_enabled()) return;
+  for (size_t i = 0; i < ts.size(); ++i)
+    TORCH_CHECK(!ts[i].requires_grad(), op, ": ", name, "[", i,
+                "] requires grad; this op is not differentiable (call it under torch.no_grad())");
+}
+
+Tensor power_iteration_autograd(at::TensorList weights, at::TensorList us, at::TensorList vs,
+                                int64_t n_power_iterations, double eps) {
+  check_no_grad(weights, "lipkernels::power_iteration", "weights");
+  check_no_grad(us, "lipkernels::power_iteration", "us");
+  check_no_grad(vs, "lipkernels::power_iteration", "vs");
+  Tensor sigmas;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    sigmas = power_iteration_op().call(weights, us, vs, n_power_iterations, eps);
+  }
+  if (n_power_iterations > 0) {
+    bump_versions(us);
+    bump_versions(vs);
+  }
+  return sigmas;
+}
+
+void sn_store_vectors_autograd(at::TensorList us, at::TensorList vs, const Tensor& uv) {
+  check_no_grad(us, "lipkernels::_sn_store_vectors_", "us");
+  check_no_grad(vs, "lipkernels::_sn_store_vectors_", "vs");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    sn_store_vectors_op().call(us, vs, uv);
+  }
+  bump_versions(us);
+  bump_versions(vs);
+}
+
+void clip_autograd(at::TensorList tensors, double c) {
+  check_no_grad(tensors, "lipkernels::clip_", "tensors");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    clip_op().call(tensors, c);
+  }
+  bump_versions(tensors);
+}
+
 // ------------------------------------------------- build information
 
 std::string build_info() {
@@ -391,15 +445,11 @@ TORCH_LIBRARY_IMPL(lipkernels, Autograd, m) {
   m.impl("sample_scale", &sample_scale_autograd);
   m.impl("sample_dot", &sample_dot_autograd);
   m.impl("spectral_normalize", &spectral_normalize_autograd);
-  for (const char* name : {"_norm_epilogue", "_norm_epilogue_backward", "power_iteration",
-                           "_sn_forward", "_sn_store_vectors_", "_sn_backward", "clip_"})
+  m.impl("power_iteration", &power_iteration_autograd);
+  m.impl("_sn_store_vectors_", &sn_store_vectors_autograd);
+  m.impl("clip_", &clip_autograd);
+  for (const char* name : {"_norm_epilogue", "_norm_epilogue_backward", "_sn_forward", "_sn_backward"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
-}
-
-TORCH_LIBRARY_IMPL(lipkernels, ADInplaceOrView, m) {
-  m.impl("power_iteration", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-  m.impl("_sn_store_vectors_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-  m.impl("clip_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }
 
 TORCH_LIBRARY_IMPL(lipkernels, CompositeExplicitAutograd, m) {

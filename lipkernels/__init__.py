@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from . import _extension, losses, nn, ops  # noqa: F401
+from . import _extension, losses, models, nn, ops  # noqa: F401
 from ._version import __version__
 from .backends import available_backends, backend_status, get_backend, set_backend, use_backend
 from .nn import gradient_penalty, r1_penalty, spectral_norm
@@ -28,8 +28,20 @@ def clip_weights_(module, c: float) -> None:
     ops.clip_(params, c)
 
 
+def empty_cache() -> None:
+    """Release the CPU kernels' cache of freed output blocks (see README: the cache keeps
+    up to ``LIPKERNELS_CPU_CACHE_MB`` MiB, default 1024, so training steps reuse memory)."""
+    if _extension.loaded():
+        torch.ops.lipkernels._cpu_output_cache_clear()
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes held by the CPU kernels' cache of freed output blocks."""
+    return int(torch.ops.lipkernels._cpu_output_cache_bytes()) if _extension.loaded() else 0
+
+
 __all__ = [
-    "__version__", "ops", "nn", "losses", "available_backends", "backend_status",
+    "__version__", "ops", "nn", "losses", "models", "available_backends", "backend_status",
     "set_backend", "get_backend", "use_backend", "spectral_norm", "gradient_penalty",
-    "r1_penalty", "clip_weights_",
+    "r1_penalty", "clip_weights_", "empty_cache", "cpu_cache_bytes",
 ]

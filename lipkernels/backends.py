@@ -16,13 +16,13 @@ backend of :data:`AUTO_ORDER` and falls back to ``reference``. A backend named
 explicitly (:func:`set_backend`, :func:`use_backend`) must be available, and must
 run on the device of the tensors it is given, else a ``RuntimeError`` says why.
 
-The choice is held in a :class:`contextvars.ContextVar`, so ``use_backend`` is
-local to the thread (and task) that enters it.
+The choice is process-wide, like ``torch.backends`` flags (a plain module global,
+which ``torch.compile`` reads and guards on, so a compiled function recompiles when
+the backend changes).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Dict, Iterator, List, Tuple
 
 import torch
@@ -45,7 +45,7 @@ DEVICES: Dict[str, Tuple[str, ...]] = {
     "triton": ("cuda",),
 }
 
-_current: contextvars.ContextVar[str] = contextvars.ContextVar("lipkernels_backend", default="auto")
+_current: str = "auto"
 _status_cache: Dict[str, Tuple[bool, str]] = {}
 
 
@@ -100,23 +100,26 @@ def _check_name(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all later calls in this context (``'auto'`` restores the default)."""
-    _current.set(_check_name(name))
+    """Select the backend for all later calls (``'auto'`` restores the default)."""
+    global _current
+    _current = _check_name(name)
 
 
 def get_backend() -> str:
-    """The backend selected in this context: ``'auto'`` or a backend name."""
-    return _current.get()
+    """The selected backend: ``'auto'`` or a backend name."""
+    return _current
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the block with backend ``name`` selected, then restore the previous choice."""
-    token = _current.set(_check_name(name))
+    global _current
+    previous = _current
+    _current = _check_name(name)
     try:
         yield
     finally:
-        _current.reset(token)
+        _current = previous
 
 
 _auto_choice: Dict[str, str] = {}
@@ -131,7 +134,7 @@ def _auto(device_type: str) -> str:
 
 def select(device: torch.device) -> str:
     """The backend that runs an op on tensors of ``device``, following the rules above."""
-    name = _current.get()
+    name = _current
     device_type = device.type
     if name == "auto":
         choice = _auto_choice.get(device_type)

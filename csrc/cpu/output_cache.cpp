@@ -17,8 +17,14 @@ namespace lipkernels {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMinBytes = int64_t(1) << 20;
-constexpr int64_t kAlign = int64_t(2) << 20;
+constexpr int64_t kMinBytes = int64_t(128) << 10;  // smaller outputs: at::empty
+constexpr int64_t kHugePage = int64_t(2) << 20;     // blocks from here up: huge-page sized
+constexpr int64_t kSmallUnit = int64_t(64) << 10;   // size unit of smaller blocks
+
+int64_t block_size(int64_t bytes) {
+  const int64_t unit = bytes >= kHugePage ? kHugePage : kSmallUnit;
+  return (bytes + unit - 1) / unit * unit;
+}
 
 int64_t limit_bytes() {
   static const int64_t limit = [] {
@@ -55,9 +61,10 @@ void* take(int64_t bytes) {
     }
   }
   void* ptr = nullptr;
-  if (posix_memalign(&ptr, kAlign, bytes) != 0) return nullptr;
+  const int64_t align = bytes >= kHugePage ? kHugePage : 4096;
+  if (posix_memalign(&ptr, align, bytes) != 0) return nullptr;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(ptr, bytes, MADV_HUGEPAGE);
+  if (bytes >= kHugePage) madvise(ptr, bytes, MADV_HUGEPAGE);
 #endif
   return ptr;
 }
@@ -88,7 +95,7 @@ at::Tensor empty_output_like(const at::Tensor& g) {
   const int64_t bytes = g.numel() * static_cast<int64_t>(g.element_size());
   if (bytes < kMinBytes || limit_bytes() == 0 || !g.device().is_cpu())
     return at::empty_like(g);
-  const int64_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+  const int64_t rounded = block_size(bytes);
   void* ptr = take(rounded);
   if (!ptr) return at::empty_like(g);
   return at::from_blob(

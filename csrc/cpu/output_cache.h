@@ -1,8 +1,8 @@
 // Large outputs of the CPU kernels (dL/dg, W_sn, dL/dW) come from a small cache of
 // freed blocks instead of fresh memory: a training loop asks for the same sizes every
 // step, and fresh memory costs a page fault per page on first touch, which on a
-// virtual machine can take longer than the kernel itself. Blocks of >= 1 MiB are
-// 2 MiB-aligned and advised as transparent huge pages.
+// virtual machine can take longer than the kernel itself. Outputs of >= 128 KiB are
+// cached, in blocks of 64 KiB units, or, from 2 MiB up, of 2 MiB-aligned huge pages.
 //
 // At most LIPKERNELS_CPU_CACHE_MB (default 1024; 0 turns the cache off) MiB are kept;
 // lipkernels.empty_cache() releases them. Smaller outputs use at::empty as usual.

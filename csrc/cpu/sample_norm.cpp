@@ -71,9 +71,10 @@ void scale_samples(const T* x, const acc_t<T>* coef, int64_t B, int64_t N, T* ou
   });
 }
 
+// norm[b] = ||g_b||, out[b] = epilogue(f_b, norm[b]) (both in the accumulation type).
 template <typename T>
 void norm_epilogue_forward_kernel(const T* g, int64_t B, int64_t N, const T* f, int64_t f_stride,
-                                  Epilogue e, acc_t<T> param, T* out, acc_t<T>* norm) {
+                                  Epilogue e, acc_t<T> param, acc_t<T>* out, acc_t<T>* norm) {
   using A = acc_t<T>;
   per_sample_reduce<A>(B, N, norm, [&](int64_t b, int64_t start, int64_t len) {
     return sum_squares(g + b * N + start, len);
@@ -81,21 +82,20 @@ void norm_epilogue_forward_kernel(const T* g, int64_t B, int64_t N, const T* f, 
   for (int64_t b = 0; b < B; ++b) {
     norm[b] = std::sqrt(norm[b]);
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
-    out[b] = static_cast<T>(epilogue_forward<A>(e, fb, norm[b], param));
+    out[b] = epilogue_forward<A>(e, fb, norm[b], param);
   }
 }
 
 template <typename T>
-void norm_epilogue_backward_kernel(const T* grad_out, int64_t go_stride, const T* g, int64_t B,
-                                   int64_t N, const T* f, int64_t f_stride, const acc_t<T>* norm,
-                                   Epilogue e, acc_t<T> param, T* grad_f, T* grad_g) {
+void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t B, int64_t N,
+                                   const T* f, int64_t f_stride, const acc_t<T>* norm, Epilogue e,
+                                   acc_t<T> param, T* grad_f, T* grad_g) {
   using A = acc_t<T>;
   std::vector<A> coef(B);
   for (int64_t b = 0; b < B; ++b) {
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
     A gf;
-    epilogue_backward<A>(e, static_cast<A>(grad_out[b * go_stride]), fb, norm[b], param, &gf,
-                         &coef[b]);
+    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef[b]);
     if (grad_f) grad_f[b] = static_cast<T>(gf);
   }
   scale_samples(g, coef.data(), B, N, grad_g);
@@ -115,16 +115,17 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
   if (use_f) check_per_sample(*f, g_in, op, "f");
   const at::Tensor g = as_sample_blocks(g_in);
   const int64_t B = g.size(0), N = g.numel() / B;
-  auto out = at::empty({B}, g.options());
-  auto norm = at::empty({B}, g.options().dtype(acc_type_of(g.scalar_type())));
+  const auto acc = acc_type_of(g.scalar_type());
+  auto norm = at::empty({B}, g.options().dtype(acc));
+  auto out_acc = at::empty({B}, g.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "norm_epilogue", [&] {
     using A = acc_t<scalar_t>;
     norm_epilogue_forward_kernel<scalar_t>(
         g.const_data_ptr<scalar_t>(), B, N, use_f ? f->const_data_ptr<scalar_t>() : nullptr,
-        use_f ? f->stride(0) : 0, e, static_cast<A>(param), out.mutable_data_ptr<scalar_t>(),
+        use_f ? f->stride(0) : 0, e, static_cast<A>(param), out_acc.mutable_data_ptr<A>(),
         norm.mutable_data_ptr<A>());
   });
-  return {out, norm};
+  return {out_acc.to(epilogue_out_dtype(e, g.scalar_type())), norm};
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
@@ -137,7 +138,9 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
   TORCH_CHECK(use_f == (f.has_value() && f->defined()), op, ": epilogue '", std::string(epilogue),
               use_f ? "' needs f" : "' takes no f");
   if (use_f) check_per_sample(*f, g_in, op, "f");
-  check_per_sample(grad_out, g_in, op, "grad_out");
+  check_floating(grad_out, op, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 1 && grad_out.size(0) == g_in.size(0), op,
+              ": grad_out must have shape (B,), got ", grad_out.sizes());
   const int64_t B = g_in.size(0);
   TORCH_CHECK(norm.dim() == 1 && norm.size(0) == B && norm.is_contiguous() &&
                   norm.scalar_type() == acc_type_of(g_in.scalar_type()),
@@ -146,10 +149,11 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
   const int64_t N = g.numel() / B;
   auto grad_g = empty_output_like(g);
   auto grad_f = use_f ? at::empty({B}, g.options()) : at::empty({0}, g.options());
+  const at::Tensor go = grad_out.to(acc_type_of(g.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "norm_epilogue_backward", [&] {
     using A = acc_t<scalar_t>;
     norm_epilogue_backward_kernel<scalar_t>(
-        grad_out.const_data_ptr<scalar_t>(), grad_out.stride(0), g.const_data_ptr<scalar_t>(), B, N,
+        go.const_data_ptr<A>(), g.const_data_ptr<scalar_t>(), B, N,
         use_f ? f->const_data_ptr<scalar_t>() : nullptr, use_f ? f->stride(0) : 0,
         norm.const_data_ptr<A>(), e, static_cast<A>(param),
         use_f ? grad_f.mutable_data_ptr<scalar_t>() : nullptr, grad_g.mutable_data_ptr<scalar_t>());

@@ -36,6 +36,7 @@ namespace {
 constexpr int64_t kItemElems = 65536;  // elements of W per work item
 constexpr int kRowBlock = 4;           // rows whose dot products and W^T t updates go together
 constexpr int64_t kColBlock = 2048;    // columns per task when adding the items' W^T t
+constexpr int64_t kParallelElems = 32768;  // plans smaller than this run single-threaded
 
 int64_t cache_group_bytes() {
   static const int64_t bytes = [] {
@@ -93,6 +94,11 @@ struct Plan {
   std::vector<int64_t> v_off, t_off;  // offsets of layer l in flat (k) and (m) buffers
   std::vector<ColBlock> col_blocks;
   int64_t scratch_size = 0;
+  int64_t elems = 0;  // elements of all weights of the plan
+
+  // Grain for a parallel loop over n tasks of the plan: small plans run on the
+  // calling thread (waking the other threads would cost more than the work).
+  int64_t grain(int64_t n) const { return elems < kParallelElems ? std::max<int64_t>(n, 1) : 1; }
 
   explicit Plan(std::vector<Layer<T>> ls) : layers(std::move(ls)) {
     const int64_t L = layers.size();
@@ -102,6 +108,7 @@ struct Plan {
     for (int64_t l = 0; l < L; ++l) {
       const int64_t m = layers[l].m, k = layers[l].k;
       const int64_t rows = std::max<int64_t>(1, kItemElems / std::max<int64_t>(k, 1));
+      elems += m * k;
       first_item[l] = items.size();
       for (int64_t r = 0; r < m; r += rows) {
         items.push_back({l, r, std::min(m, r + rows), scratch_size});
@@ -137,7 +144,7 @@ template <typename T>
 void sigma_from_vectors(const Plan<T>& p, acc_t<T>* sigmas) {
   using A = acc_t<T>;
   A* item_sum = workspace<A>(0, p.num_items());
-  at::parallel_for(0, p.num_items(), 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, p.num_items(), p.grain(p.num_items()), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const Item& it = p.items[i];
       const Layer<T>& ly = p.layers[it.layer];
@@ -167,7 +174,7 @@ void power_iteration_step(const Plan<T>& p, acc_t<T> eps, acc_t<T>* sigmas) {
     for (int64_t j = 0; j < p.layers[l].k; ++j) vbuf[p.v_off[l] + j] = static_cast<A>(p.layers[l].v[j]);
 
   // One read of W: t_r = W_r . v, and W^T t accumulated from the same rows.
-  at::parallel_for(0, p.num_items(), 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, p.num_items(), p.grain(p.num_items()), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const Item& it = p.items[i];
       const Layer<T>& ly = p.layers[it.layer];
@@ -198,7 +205,7 @@ void power_iteration_step(const Plan<T>& p, acc_t<T> eps, acc_t<T>* sigmas) {
     for (int64_t i = p.first_item[l]; i < p.first_item[l + 1]; ++i) tsq += item_sum[i];
     tden[l] = std::max(std::sqrt(tsq), eps);
   }
-  at::parallel_for(0, p.col_blocks.size(), 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, p.col_blocks.size(), p.grain(p.col_blocks.size()), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const ColBlock& cb = p.col_blocks[c];
       A* s = vbuf + p.v_off[cb.layer] + cb.col_begin;
@@ -212,7 +219,7 @@ void power_iteration_step(const Plan<T>& p, acc_t<T> eps, acc_t<T>* sigmas) {
       for (int64_t j = 0; j < len; ++j) s[j] /= den;
     }
   });
-  at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
+  at::parallel_for(0, L, p.grain(L), [&](int64_t l0, int64_t l1) {
     for (int64_t l = l0; l < l1; ++l) {
       const Layer<T>& ly = p.layers[l];
       const A* t = tbuf + p.t_off[l];
@@ -230,7 +237,7 @@ void power_iteration_step(const Plan<T>& p, acc_t<T> eps, acc_t<T>* sigmas) {
 template <typename T>
 void divide(const Plan<T>& p, const acc_t<T>* sigmas, acc_t<T> eps, T* const* outs) {
   using A = acc_t<T>;
-  at::parallel_for(0, p.num_items(), 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, p.num_items(), p.grain(p.num_items()), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const Item& it = p.items[i];
       const Layer<T>& ly = p.layers[it.layer];
@@ -276,7 +283,7 @@ void spectral_backward(const std::vector<Layer<T>>& layers, const T* const* grad
     const Plan<T> p(std::vector<Layer<T>>(layers.begin() + g0, layers.begin() + g1));
     const int64_t L = p.layers.size();
     A* item_dot = workspace<A>(0, p.num_items());
-    at::parallel_for(0, p.num_items(), 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, p.num_items(), p.grain(p.num_items()), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const Item& it = p.items[i];
         const Layer<T>& ly = p.layers[it.layer];
@@ -296,7 +303,7 @@ void spectral_backward(const std::vector<Layer<T>>& layers, const T* const* grad
       // <G, W_sn> / sigma = <G, W> / sigma^2; zero where sigma was clamped.
       corr[l] = std::abs(sigma) < eps ? A(0) : gw / (s * s);
     }
-    at::parallel_for(0, p.num_items(), 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, p.num_items(), p.grain(p.num_items()), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const Item& it = p.items[i];
         const Layer<T>& ly = p.layers[it.layer];

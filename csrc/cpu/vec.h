@@ -19,8 +19,10 @@ namespace cpu {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Lanes per accumulator block: 64 bytes of float32 (one AVX-512 register, two AVX2).
-constexpr int kLanes = 16;
+// Independent accumulators per sum: 64 float32 lanes are four AVX-512 (eight AVX2)
+// registers, enough to hide the latency of the fused multiply-adds that a single
+// accumulator register would serialize on.
+constexpr int kLanes = 64;
 
 template <typename A>
 inline A sum_lanes(const A* s) {
@@ -60,13 +62,6 @@ inline acc_t<T> dot(const T* x, const Y* y, int64_t n) {
   A r = sum_lanes(s);
   for (; j < n; ++j) r += static_cast<A>(x[j]) * static_cast<A>(y[j]);
   return r;
-}
-
-// acc_j += a * x_j
-template <typename T>
-inline void axpy(acc_t<T> a, const T* x, acc_t<T>* acc, int64_t n) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<A>(x[j]);
 }
 
 // t_r = sum_j w[r*k + j] y_j for R consecutive rows of a row-major matrix, sharing

@@ -45,7 +45,9 @@ def register() -> None:
 
     @fake(lib + "_norm_epilogue")
     def _(g, f, epilogue, param):
-        return _per_sample(g), g.new_empty((g.shape[0],), dtype=_acc(g.dtype))
+        out_dtype = _acc(g.dtype) if epilogue in ("gp", "r1") else g.dtype
+        return (g.new_empty((g.shape[0],), dtype=out_dtype),
+                g.new_empty((g.shape[0],), dtype=_acc(g.dtype)))
 
     @fake(lib + "_norm_epilogue_backward")
     def _(grad_out, g, f, norm, epilogue, param):
@@ -66,11 +68,11 @@ def register() -> None:
 
     @fake(lib + "gradient_penalty")
     def _(g, center):
-        return g.new_empty(())
+        return g.new_empty((), dtype=_acc(g.dtype))
 
     @fake(lib + "r1_penalty")
     def _(g):
-        return g.new_empty(())
+        return g.new_empty((), dtype=_acc(g.dtype))
 
     @fake(lib + "sample_scale")
     def _(g, c):

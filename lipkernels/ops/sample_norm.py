@@ -13,6 +13,9 @@ op                     forward                                      returns
 ``r1_penalty``         ``mean_i n_i^2``                             scalar
 =====================  ===========================================  ==============
 
+The penalties are losses: for float16/bfloat16 ``g`` they are returned in float32
+(squared norms overflow float16); the other ops return ``g``'s dtype.
+
 Edge cases (finite input never gives NaN or Inf):
 
 * ``dn_i/dg_i = g_i / n_i`` is defined as 0 where ``n_i = 0`` (as in
@@ -55,13 +58,19 @@ def gran_normalize_reference(f: torch.Tensor, g: torch.Tensor, eps: float) -> to
     return (f.reshape(-1) * n / (n * n + eps)).reshape(f.shape)
 
 
+def _loss_dtype(g: torch.Tensor) -> torch.dtype:
+    return torch.float64 if g.dtype == torch.float64 else torch.float32
+
+
 def gradient_penalty_reference(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
-    """``mean_i (n_i - center)^2`` (WGAN-GP without its weight)."""
-    return ((sample_norm_reference(g) - center) ** 2).mean()
+    """``mean_i (n_i - center)^2`` (WGAN-GP without its weight); float32 for half g."""
+    n = sample_norm_reference(g).to(_loss_dtype(g))
+    return ((n - center) ** 2).mean()
 
 
 def r1_penalty_reference(g: torch.Tensor) -> torch.Tensor:
-    """``mean_i n_i^2`` (R1 without its gamma / 2)."""
+    """``mean_i n_i^2`` (R1 without its gamma / 2); float32 for half g."""
+    g = g.to(_loss_dtype(g))
     return g.square().sum(dim=tuple(range(1, g.dim()))).mean()
 
 

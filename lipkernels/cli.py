@@ -1,0 +1,152 @@
+"""The ``lipkernels`` command.
+
+    lipkernels info     versions, the compiled library, and every backend: available or why not
+    lipkernels check    every available backend against the reference on random inputs
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from . import _extension, backends, ops
+from ._version import __version__
+
+
+def _versions() -> Dict[str, str]:
+    out = {
+        "lipkernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": str(torch.version.cuda),
+        "CPU threads": str(torch.get_num_threads()),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }
+    try:
+        import triton  # noqa: F401
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    if torch.cuda.is_available():
+        out["GPU"] = torch.cuda.get_device_name()
+    return out
+
+
+def cmd_info(args) -> int:
+    print("lipkernels info")
+    for key, value in _versions().items():
+        print(f"  {key:<14} {value}")
+    print(f"  {'library':<14} {_extension.path() or '-'}")
+    if _extension.loaded():
+        info = _extension.build_info()
+        print(f"  {'compiled':<14} CPU kernels (OpenMP: {'yes' if info.get('openmp') else 'no'}); "
+              + (f"CUDA kernels for {info.get('cuda_archs')}" if info.get("cuda")
+                 else "no CUDA kernels"))
+        cached = torch.ops.lipkernels._cpu_output_cache_bytes()
+        print(f"  {'output cache':<14} {cached / 2**20:.1f} MiB held")
+    else:
+        print(f"  {'compiled':<14} not loaded: {_extension.error()}")
+    print("backends (auto order: cpu tensors -> "
+          + ", ".join(backends.AUTO_ORDER["cpu"]) + "; cuda tensors -> "
+          + ", ".join(backends.AUTO_ORDER["cuda"]) + ")")
+    for name, (ok, why) in backends.backend_status().items():
+        print(f"  {name:<10} {'available' if ok else 'unavailable: ' + why}")
+    return 0
+
+
+# ---------------------------------------------------------------- check
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.detach().double().cpu()
+    b = b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _cases(device: torch.device, dtype: torch.dtype) -> List[Tuple[str, Callable]]:
+    """(name, make) with make(backend_or_None) -> list of tensors whose values and
+    gradients are compared."""
+    g0 = torch.randn(6, 3, 7, 5, device=device, dtype=dtype)
+    f0 = torch.randn(6, device=device, dtype=dtype)
+    shapes = [(16, 3, 3, 3), (1, 40), (9, 4, 2, 2)]
+    w0 = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+    u0 = [torch.nn.functional.normalize(torch.randn(s[0], device=device, dtype=dtype), dim=0) for s in shapes]
+    v0 = [torch.nn.functional.normalize(torch.randn(torch.Size(s[1:]).numel(), device=device, dtype=dtype), dim=0)
+          for s in shapes]
+
+    def per_sample(fn):
+        def make():
+            g = g0.clone().requires_grad_(True)
+            f = f0.clone().requires_grad_(True)
+            out = fn(f, g)
+            grads = torch.autograd.grad(out.sum(), (f, g), allow_unused=True)
+            return [out] + [x for x in grads if x is not None]
+        return make
+
+    def spectral(training, n):
+        def make():
+            ws = [w.clone().requires_grad_(True) for w in w0]
+            us = [u.clone() for u in u0]
+            vs = [v.clone() for v in v0]
+            out = ops.spectral_normalize(ws, us, vs, n, 1e-12, training)
+            seeds = [torch.ones_like(o).cumsum(-1) for o in out]
+            grads = torch.autograd.grad(out, ws, seeds)
+            return list(out) + list(grads) + us + vs
+        return make
+
+    return [
+        ("sample_norm", per_sample(lambda f, g: ops.sample_norm(g))),
+        ("gn_normalize", per_sample(ops.gn_normalize)),
+        ("gran_normalize", per_sample(lambda f, g: ops.gran_normalize(f, g, 1e-3))),
+        ("gradient_penalty", per_sample(lambda f, g: ops.gradient_penalty(g))),
+        ("r1_penalty", per_sample(lambda f, g: ops.r1_penalty(g))),
+        ("spectral_normalize train", spectral(True, 2)),
+        ("spectral_normalize eval", spectral(False, 1)),
+    ]
+
+
+def cmd_check(args) -> int:
+    limits = {torch.float64: 1e-9, torch.float32: 1e-4}
+    rows = []
+    failed = False
+    for name in backends.available_backends():
+        if name == "reference":
+            continue
+        device = torch.device("cuda" if name in ("cuda", "triton") and torch.cuda.is_available()
+                              else "cpu")
+        for dtype in (torch.float64, torch.float32):
+            for op, make in _cases(device, dtype):
+                with backends.use_backend("reference"):
+                    expected = make()
+                with backends.use_backend(name):
+                    actual = make()
+                err = max(_max_rel(a, e) for a, e in zip(actual, expected))
+                ok = err <= limits[dtype] and all(bool(torch.isfinite(a).all()) for a in actual)
+                failed |= not ok
+                rows.append((op, name, str(dtype).replace("torch.", ""), f"{err:.2e}", "ok" if ok else "FAIL"))
+    header = ("op", "backend", "dtype", "max rel err", "")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    if not rows:
+        print("no compiled backend is available:", backends.backend_status())
+    print("max rel err: the largest |backend - reference| over the largest |reference| of each "
+          "output and gradient; limits: float64 1e-9, float32 1e-4")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lipkernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, compiled library, backends").set_defaults(fn=cmd_info)
+    sub.add_parser("check", help="every backend against the reference").set_defaults(fn=cmd_check)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

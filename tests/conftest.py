@@ -1,0 +1,76 @@
+"""Shared test helpers: which backends to test, per-dtype tolerances, and an
+assertion that says where and by how much two results differ."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lipkernels
+
+#: Compiled backends available here (the reference is what they are compared against).
+COMPILED_BACKENDS = [b for b in lipkernels.available_backends() if b != "reference"]
+
+#: (rtol, atol) per dtype for a backend against the float64 reference evaluated on the
+#: same (rounded) inputs. float32: accumulation order differs (~1e-7 relative per
+#: add over up to 1e5 terms); half types: one rounding of the output (2^-8 / 2^-11).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2e-2, 1e-3),
+    torch.float16: (4e-3, 1e-4),
+}
+
+CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if backend in ("cuda", "triton") and torch.cuda.is_available()
+                        else "cpu")
+
+
+@pytest.fixture(params=COMPILED_BACKENDS or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no compiled backend available: " + str(lipkernels.backend_status())))])
+def backend(request):
+    """Each compiled backend available here, selected for the test's duration."""
+    with lipkernels.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what: str = "",
+                 rtol: float | None = None, atol: float | None = None) -> None:
+    """Compare in float64 with the tolerance of ``dtype`` (default: actual's dtype) and,
+    on failure, report the worst element, its index and both values."""
+    dtype = dtype or actual.dtype
+    r, a = TOLERANCES[dtype]
+    rtol = r if rtol is None else rtol
+    atol = a if atol is None else atol
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    x = actual.detach().to(torch.float64).cpu()
+    y = expected.detach().to(torch.float64).cpu()
+    assert torch.isfinite(x).all(), f"{what}: non-finite values in the result"
+    err = (x - y).abs()
+    # Elements far below the tensor's largest are held to 10% of that scale: a float
+    # sum's error follows the size of its terms, not of its (cancelled) result.
+    scale = y.abs().max() if y.numel() else torch.tensor(0.0, dtype=torch.float64)
+    bound = atol + rtol * torch.maximum(y.abs(), 0.1 * scale)
+    if not bool((err <= bound).all()):
+        idx = int((err - bound).flatten().argmax())
+        unravel = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), x.shape)) if x.dim() else ()
+        raise AssertionError(
+            f"{what}: max excess at {unravel}: got {x.flatten()[idx].item():.10g}, expected "
+            f"{y.flatten()[idx].item():.10g} (|diff| {err.flatten()[idx].item():.3g} > allowed "
+            f"{bound.flatten()[idx].item():.3g}; rtol={rtol}, atol={atol}); "
+            f"max |diff| overall {err.max().item():.3g}")
+
+
+def pytest_report_header(config):
+    return [f"lipkernels {lipkernels.__version__}, torch {torch.__version__}, "
+            f"backends: {lipkernels.backend_status()}",
+            f"threads: {torch.get_num_threads()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]

@@ -1,0 +1,247 @@
+"""Per-sample norm and its GN / GraN / GP / R1 epilogues: every compiled backend
+against the plain-PyTorch reference, forward and gradients, all CPU dtypes, odd
+shapes and layouts; gradcheck / gradgradcheck in float64; opcheck; bad input; the
+documented edge cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lipkernels
+from lipkernels import ops
+
+from conftest import CPU_DTYPES, COMPILED_BACKENDS, assert_close
+
+GRAN_EPS = 1e-3
+HALF = (torch.float16, torch.bfloat16)
+
+#: name -> (op(f, g), reference(f, g), uses f)
+OPS = {
+    "sample_norm": (lambda f, g: ops.sample_norm(g), lambda f, g: ops.sample_norm_reference(g), False),
+    "gn_normalize": (ops.gn_normalize, ops.gn_normalize_reference, True),
+    "gran_normalize": (lambda f, g: ops.gran_normalize(f, g, GRAN_EPS),
+                       lambda f, g: ops.gran_normalize_reference(f, g, GRAN_EPS), True),
+    "gradient_penalty": (lambda f, g: ops.gradient_penalty(g, 1.0),
+                         lambda f, g: ops.gradient_penalty_reference(g, 1.0), False),
+    "r1_penalty": (lambda f, g: ops.r1_penalty(g), lambda f, g: ops.r1_penalty_reference(g), False),
+}
+
+# Odd shapes: one sample, sizes that are no multiple of any block (16 lanes, 32768-element
+# chunks), several chunks per sample, rank 2 to 5.
+SHAPES = [(1, 7), (3, 1), (5, 3, 7, 9), (64, 3, 32, 32), (2, 70001), (4, 2, 3, 5, 7), (1, 3, 256, 100)]
+
+
+def _inputs(shape, dtype, f_shape=None):
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    f = torch.randn(f_shape or (shape[0],), dtype=torch.float64).to(dtype)
+    return f, g
+
+
+def _run(fn, f, g, uses_f):
+    """Forward, and the gradients of a random linear function of the output."""
+    f = f.detach().clone().requires_grad_(uses_f)
+    g = g.detach().clone().requires_grad_(True)
+    out = fn(f, g)
+    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64).to(out.dtype).reshape(out.shape)
+    inputs = (f, g) if uses_f else (g,)
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    return (out,) + grads
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(backend, name, dtype, shape):
+    op, ref, uses_f = OPS[name]
+    f, g = _inputs(shape, dtype)
+    actual = _run(op, f, g, uses_f)
+    # The reference in float64 on the same rounded inputs: the exact answer to compare with.
+    with lipkernels.use_backend("reference"):
+        expected = _run(ref, f.double(), g.double(), uses_f)
+    for what, a, e in zip(("out", "grad_f" if uses_f else "grad_g", "grad_g"), actual, expected):
+        expected_dtype = dtype
+        if what == "out" and name in ("gradient_penalty", "r1_penalty") and dtype in HALF:
+            expected_dtype = torch.float32  # losses are float32 for half inputs
+        assert a.dtype == expected_dtype, f"{name}: {what} has dtype {a.dtype}, expected {expected_dtype}"
+        assert_close(a, e, dtype=dtype, what=f"{name} {what} {tuple(shape)} {dtype}")
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced", "expanded"])
+def test_layouts(backend, name, layout):
+    op, ref, uses_f = OPS[name]
+    base = torch.randn(6, 5, 4, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        g = base.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        g = base.transpose(2, 3)
+    elif layout == "sliced":
+        g = base[:, 1:4, :, ::2]
+    else:
+        g = torch.randn(6, 1, 4, 7, dtype=torch.float64).expand(6, 5, 4, 7)
+    f = torch.randn(12, dtype=torch.float64)[::2]  # non-contiguous f
+    actual = _run(op, f, g, uses_f)
+    expected = _run(ref, f, g.contiguous(), uses_f)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, what=f"{name} {layout}")
+    assert actual[-1].shape == g.shape
+
+
+@pytest.mark.parametrize("name", ["gn_normalize", "gran_normalize"])
+def test_scores_shape_b1(backend, name):
+    op, ref, _ = OPS[name]
+    f, g = _inputs((5, 3, 4), torch.float64, f_shape=(5, 1))
+    out = op(f, g)
+    assert out.shape == (5, 1)
+    assert_close(out, ref(f, g), what=name)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_gradcheck_and_gradgradcheck(backend, name):
+    op, _, uses_f = OPS[name]
+    g = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(3, dtype=torch.float64, requires_grad=uses_f)
+    inputs = (f, g) if uses_f else (g,)
+    fn = (lambda f, g: op(f, g)) if uses_f else (lambda g: op(f, g))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_third_derivative_of_gn(backend):
+    # Backward of backward of backward: the differentiable backward closes under
+    # differentiation (sample_norm / sample_scale / sample_dot).
+    g = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def third(op):
+        out = op(f, g).pow(2).sum()
+        (dg,) = torch.autograd.grad(out, g, create_graph=True)
+        (ddg,) = torch.autograd.grad(dg.pow(2).sum(), g, create_graph=True)
+        return torch.autograd.grad(ddg.sum(), (f, g))
+
+    actual = third(ops.gn_normalize)
+    expected = third(ops.gn_normalize_reference)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, what="third derivative")
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_zero_gradient_is_finite(backend, name):
+    """g = 0 (and f = 0 for GN: 0/0) gives the documented finite values, never NaN."""
+    op, ref, uses_f = OPS[name]
+    g = torch.zeros(4, 3, 5, dtype=torch.float64)
+    f = torch.tensor([0.0, 1.5, -2.0, 0.0], dtype=torch.float64)
+    actual = _run(op, f, g, uses_f)
+    expected = _run(ref, f, g, uses_f)
+    for a, e in zip(actual, expected):
+        assert torch.isfinite(a).all()
+        assert_close(a, e, what=f"{name} at g = 0")
+    if name == "gn_normalize":
+        # Closed form: f / |f| where f != 0, and the defined 0 at f = 0, n = 0.
+        assert actual[0].tolist() == [0.0, 1.0, -1.0, 0.0]
+        # d out / d f = n / (n + |f|)^2 = 0 at n = 0.
+        assert actual[1].abs().max() == 0
+
+
+def test_gn_closed_form():
+    # f / (n + |f|) for a 3-4-5 triangle: n = 5.
+    g = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    f = torch.tensor([5.0, -2.0], dtype=torch.float64)
+    for name in ["reference"] + COMPILED_BACKENDS:
+        with lipkernels.use_backend(name):
+            assert ops.gn_normalize(f, g).tolist() == [0.5, -1.0]
+            assert ops.sample_norm(g).tolist() == [5.0, 0.0]
+            assert ops.gradient_penalty(g, 1.0).item() == pytest.approx((16.0 + 1.0) / 2)
+            assert ops.r1_penalty(g).item() == pytest.approx(25.0 / 2)
+            assert ops.gran_normalize(f, g, 1.0).tolist() == pytest.approx([5.0 * 5 / 26, 0.0])
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_deterministic_across_thread_counts(backend, name):
+    op, _, uses_f = OPS[name]
+    f, g = _inputs((3, 100000), torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(op, f, g, uses_f)
+        torch.set_num_threads(max(2, threads))
+        many = _run(op, f, g, uses_f)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(backend):
+    lib = torch.ops.lipkernels
+    g = torch.randn(4, 3, 5, requires_grad=True)
+    f = torch.randn(4, requires_grad=True)
+    gd, fd = g.detach(), f.detach()
+    _, norm = lib._norm_epilogue(gd, fd, "gn", 0.0)
+    cases = [
+        (lib.sample_norm, (g,)),
+        (lib.gn_normalize, (f, g)),
+        (lib.gran_normalize, (f, g, 0.1)),
+        (lib.gradient_penalty, (g, 1.0)),
+        (lib.r1_penalty, (g,)),
+        (lib.sample_scale, (g, f)),
+        (lib.sample_dot, (g, torch.randn(4, 3, 5, requires_grad=True))),
+        (lib._norm_epilogue, (gd, fd, "gran", 0.5)),
+        (lib._norm_epilogue, (gd, None, "gp", 1.0)),
+        (lib._norm_epilogue_backward, (torch.randn(4), gd, fd, norm, "gn", 0.0)),
+        (lib._norm_epilogue_backward, (torch.randn(4), gd, None, norm, "r1", 0.0)),
+        (lib.sample_norm, (torch.randn(4, 3, 5, 2).to(memory_format=torch.channels_last),)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph(backend):
+    def penalty(f, g):
+        return ops.gn_normalize(f, g).sum() + ops.gradient_penalty(g) + ops.r1_penalty(g)
+
+    f = torch.randn(4)
+    g = torch.randn(4, 3, 5)
+    compiled = torch.compile(penalty, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(f, g), penalty(f, g), what="compiled")
+
+
+# ------------------------------------------------------------------ bad input
+
+BAD = [
+    ("g rank 1", lambda: ops.gn_normalize(torch.randn(3), torch.randn(3)), ValueError, "rank"),
+    ("g empty batch", lambda: ops.sample_norm(torch.randn(0, 4)), ValueError, "at least one sample"),
+    ("batch mismatch", lambda: ops.gn_normalize(torch.randn(4), torch.randn(3, 5)), ValueError, "f must have shape"),
+    ("f rank 3", lambda: ops.gn_normalize(torch.randn(3, 1, 1), torch.randn(3, 5)), ValueError, "f must have shape"),
+    ("integer g", lambda: ops.sample_norm(torch.ones(3, 4, dtype=torch.int64)), TypeError, "floating-point"),
+    ("integer f", lambda: ops.gn_normalize(torch.ones(3, dtype=torch.int32), torch.randn(3, 4)), TypeError, "f must be"),
+    ("dtype mismatch", lambda: ops.gn_normalize(torch.randn(3).double(), torch.randn(3, 4)), TypeError, "dtype"),
+    ("not a tensor", lambda: ops.sample_norm([[1.0, 2.0]]), TypeError, "torch.Tensor"),
+    ("gran eps 0", lambda: ops.gran_normalize(torch.randn(3), torch.randn(3, 4), 0.0), ValueError, "eps"),
+    ("gran eps < 0", lambda: ops.gran_normalize(torch.randn(3), torch.randn(3, 4), -1.0), ValueError, "eps"),
+    ("gran eps nan", lambda: ops.gran_normalize(torch.randn(3), torch.randn(3, 4), float("nan")), ValueError, "eps"),
+    ("gp center inf", lambda: ops.gradient_penalty(torch.randn(3, 4), float("inf")), ValueError, "center"),
+    ("mixed devices", lambda: ops.gn_normalize(torch.randn(3, device="meta"), torch.randn(3, 4)), ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+@pytest.mark.parametrize("backend_name", ["reference"] + COMPILED_BACKENDS)
+def test_bad_input(case, backend_name):
+    _, call, error, words = case
+    with lipkernels.use_backend(backend_name):
+        with pytest.raises(error, match=words):
+            call()
+
+
+def test_kernel_checks_name_the_argument(backend):
+    """The compiled ops check their arguments too (for callers of torch.ops directly)."""
+    lib = torch.ops.lipkernels
+    with pytest.raises(RuntimeError, match="g must have shape"):
+        lib.sample_norm(torch.randn(5))
+    with pytest.raises(RuntimeError, match="f must have shape"):
+        lib.gn_normalize(torch.randn(4), torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="floating-point"):
+        lib.sample_norm(torch.ones(3, 2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="eps must be > 0"):
+        lib.gran_normalize(torch.randn(3), torch.randn(3, 2), 0.0)
