@@ -42,7 +42,7 @@ DEVICES: Dict[str, Tuple[str, ...]] = {
     "reference": ("*",),
     "cpu": ("cpu",),
     "cuda": ("cuda",),
-    "triton": ("cuda",),
+    "triton": ("cuda",),  # and "cpu" under TRITON_INTERPRET=1 (lipkernels.triton.devices)
 }
 
 _current: str = "auto"
@@ -66,7 +66,8 @@ def _probe(name: str) -> Tuple[bool, str]:
             return False, "torch.cuda.is_available() is False (no GPU, or a CPU-only torch)"
         return True, ""
     if name == "triton":
-        return False, "the Triton backend is not implemented in this version of lipkernels"
+        from . import triton as triton_backend
+        return triton_backend.status()
     raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
@@ -142,6 +143,9 @@ def select(device: torch.device) -> str:
             choice = _auto_choice[device_type] = _auto(device_type)
         return choice
     devices = DEVICES[name]
+    if name == "triton":
+        from . import triton as triton_backend
+        devices = triton_backend.devices()
     if "*" not in devices and device_type not in devices:
         raise RuntimeError(f"lipkernels backend {name!r} runs on {'/'.join(devices)} tensors, "
                            f"but the tensors are on {device}")

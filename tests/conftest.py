@@ -2,6 +2,7 @@
 assertion that says where and by how much two results differ."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -9,8 +10,12 @@ import torch
 
 import lipkernels
 
-#: Compiled backends available here (the reference is what they are compared against).
-COMPILED_BACKENDS = [b for b in lipkernels.available_backends() if b != "reference"]
+#: Compiled backends the general suites run (the reference is what they are compared
+#: against). Under the Triton interpreter (TRITON_INTERPRET=1) the Triton backend is
+#: tested by tests/test_triton.py with small shapes instead.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+COMPILED_BACKENDS = [b for b in lipkernels.available_backends()
+                     if b != "reference" and not (b == "triton" and INTERPRETING)]
 
 #: (rtol, atol) per dtype for a backend against the float64 reference evaluated on the
 #: same (rounded) inputs. float32: accumulation order differs (~1e-7 relative per
@@ -30,11 +35,19 @@ def device_for(backend: str) -> torch.device:
                         else "cpu")
 
 
+@contextlib.contextmanager
+def backend_context(name: str):
+    """Backend ``name`` selected, and its device the default device of tensor factories
+    (so a test written with torch.randn(...) runs on CUDA for the cuda/triton backends)."""
+    with lipkernels.use_backend(name), torch.device(device_for(name)):
+        yield name
+
+
 @pytest.fixture(params=COMPILED_BACKENDS or [pytest.param("none", marks=pytest.mark.skip(
     reason="no compiled backend available: " + str(lipkernels.backend_status())))])
 def backend(request):
     """Each compiled backend available here, selected for the test's duration."""
-    with lipkernels.use_backend(request.param):
+    with backend_context(request.param):
         yield request.param
 
 

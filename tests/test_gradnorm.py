@@ -18,7 +18,7 @@ from torch import nn
 import lipkernels
 from lipkernels.nn import GradNorm, GraN
 
-from conftest import COMPILED_BACKENDS, assert_close, device_for
+from conftest import backend_context, COMPILED_BACKENDS, assert_close, device_for
 
 BACKENDS = ["reference"] + COMPILED_BACKENDS
 B = 5  # batch size used throughout
@@ -28,7 +28,7 @@ B = 5  # batch size used throughout
 def be(request):
     """The reference and every compiled backend, selected for the test's duration;
     yields the device the backend's tensors live on."""
-    with lipkernels.use_backend(request.param):
+    with backend_context(request.param):
         yield device_for(request.param)
 
 

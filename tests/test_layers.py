@@ -24,7 +24,7 @@ import lipkernels
 from lipkernels.nn import (SNConv1d, SNConv2d, SNConv3d, SNConvTranspose1d, SNConvTranspose2d,
                            SNConvTranspose3d, SNEmbedding, SNLinear, SpectralNormGroup)
 
-from conftest import COMPILED_BACKENDS, assert_close
+from conftest import backend_context, COMPILED_BACKENDS, assert_close
 
 # ``lipkernels.nn.spectral_norm`` is the function; the module it lives in:
 sn_module = importlib.import_module("lipkernels.nn.spectral_norm")
@@ -57,7 +57,7 @@ def _single_thread():
 @pytest.fixture(params=ALL_BACKENDS)
 def any_backend(request):
     """The reference and every compiled backend, selected for the test's duration."""
-    with lipkernels.use_backend(request.param):
+    with backend_context(request.param):
         yield request.param
 
 

@@ -6,35 +6,13 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._layout import acc_dtype as _acc
+from ._layout import empty_like_sample_blocks as _like_sample_blocks
+from ._layout import epilogue_out_dtype
 
 
 def _per_sample(g: torch.Tensor) -> torch.Tensor:
     return g.new_empty((g.shape[0],))
-
-
-def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    dims = sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _like_sample_blocks(g: torch.Tensor) -> torch.Tensor:
-    """empty_like(g) as the kernels allocate it: g's strides when every sample is one
-    dense block of memory (binding_utils.h: has_sample_blocks), else contiguous."""
-    batch = g.shape[0]
-    dense = g.is_contiguous() or (
-        _non_overlapping_and_dense(g)
-        and (batch == 1 or g.stride(0) * batch == g.numel()))
-    return torch.empty_like(g) if dense else torch.empty_like(
-        g, memory_format=torch.contiguous_format)
 
 
 def register() -> None:
@@ -45,8 +23,7 @@ def register() -> None:
 
     @fake(lib + "_norm_epilogue")
     def _(g, f, epilogue, param):
-        out_dtype = _acc(g.dtype) if epilogue in ("gp", "r1") else g.dtype
-        return (g.new_empty((g.shape[0],), dtype=out_dtype),
+        return (g.new_empty((g.shape[0],), dtype=epilogue_out_dtype(epilogue, g.dtype)),
                 g.new_empty((g.shape[0],), dtype=_acc(g.dtype)))
 
     @fake(lib + "_norm_epilogue_backward")

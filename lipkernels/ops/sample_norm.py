@@ -62,19 +62,44 @@ def _loss_dtype(g: torch.Tensor) -> torch.dtype:
     return torch.float64 if g.dtype == torch.float64 else torch.float32
 
 
+def per_sample_reference(epilogue: str, f, g: torch.Tensor, param: float) -> torch.Tensor:
+    """The per-sample output of an epilogue ('norm', 'gn', 'gran', 'gp', 'r1') before any
+    batch mean (f: (B,) or None); the penalties' squared norms in float32/float64."""
+    if epilogue == "norm":
+        return sample_norm_reference(g)
+    if epilogue == "gn":
+        return gn_normalize_reference(f, g)
+    if epilogue == "gran":
+        return gran_normalize_reference(f, g, param)
+    if epilogue == "gp":
+        return (sample_norm_reference(g).to(_loss_dtype(g)) - param) ** 2
+    if epilogue == "r1":
+        return g.to(_loss_dtype(g)).square().sum(dim=tuple(range(1, g.dim())))
+    raise ValueError(f"unknown epilogue {epilogue!r}")
+
+
 def gradient_penalty_reference(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
     """``mean_i (n_i - center)^2`` (WGAN-GP without its weight); float32 for half g."""
-    n = sample_norm_reference(g).to(_loss_dtype(g))
-    return ((n - center) ** 2).mean()
+    return per_sample_reference("gp", None, g, center).mean()
 
 
 def r1_penalty_reference(g: torch.Tensor) -> torch.Tensor:
     """``mean_i n_i^2`` (R1 without its gamma / 2); float32 for half g."""
-    g = g.to(_loss_dtype(g))
-    return g.square().sum(dim=tuple(range(1, g.dim()))).mean()
+    return per_sample_reference("r1", None, g, 0.0).mean()
 
 
 # ----------------------------------------------------------------- dispatch
+
+def _implementation(g: torch.Tensor):
+    """The selected backend's ops (same names and signatures), or None for the reference."""
+    backend = backends.select(g.device)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        from ..triton import sample_norm as triton_ops
+        return triton_ops
+    return torch.ops.lipkernels
+
 
 def sample_norm(g: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm ``n_i = ||g_i||_2`` over all non-batch dims.
@@ -85,9 +110,8 @@ def sample_norm(g: torch.Tensor) -> torch.Tensor:
         ``(B,)`` in ``g``'s dtype.
     """
     _validate.per_sample_grad("sample_norm", g)
-    if backends.select(g.device) == "reference":
-        return sample_norm_reference(g)
-    return torch.ops.lipkernels.sample_norm(g)
+    impl = _implementation(g)
+    return sample_norm_reference(g) if impl is None else impl.sample_norm(g)
 
 
 def gn_normalize(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -101,9 +125,10 @@ def gn_normalize(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """
     _validate.per_sample_grad("gn_normalize", g)
     fb = _validate.scores("gn_normalize", f, g)
-    if backends.select(g.device) == "reference":
+    impl = _implementation(g)
+    if impl is None:
         return gn_normalize_reference(f, g)
-    out = torch.ops.lipkernels.gn_normalize(fb, g)
+    out = impl.gn_normalize(fb, g)
     return out if fb is f else out.view(f.shape)
 
 
@@ -118,9 +143,10 @@ def gran_normalize(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor
     _validate.per_sample_grad("gran_normalize", g)
     fb = _validate.scores("gran_normalize", f, g)
     eps = _validate.positive("gran_normalize", "eps", eps)
-    if backends.select(g.device) == "reference":
+    impl = _implementation(g)
+    if impl is None:
         return gran_normalize_reference(f, g, eps)
-    out = torch.ops.lipkernels.gran_normalize(fb, g, eps)
+    out = impl.gran_normalize(fb, g, eps)
     return out if fb is f else out.view(f.shape)
 
 
@@ -129,15 +155,13 @@ def gradient_penalty(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
     or use :func:`lipkernels.gradient_penalty`, which takes the critic)."""
     _validate.per_sample_grad("gradient_penalty", g)
     center = _validate.finite("gradient_penalty", "center", center)
-    if backends.select(g.device) == "reference":
-        return gradient_penalty_reference(g, center)
-    return torch.ops.lipkernels.gradient_penalty(g, center)
+    impl = _implementation(g)
+    return gradient_penalty_reference(g, center) if impl is None else impl.gradient_penalty(g, center)
 
 
 def r1_penalty(g: torch.Tensor) -> torch.Tensor:
     """R1 epilogue ``mean_i ||g_i||^2`` (multiply by gamma / 2 yourself, or use
     :func:`lipkernels.r1_penalty`, which takes the discriminator)."""
     _validate.per_sample_grad("r1_penalty", g)
-    if backends.select(g.device) == "reference":
-        return r1_penalty_reference(g)
-    return torch.ops.lipkernels.r1_penalty(g)
+    impl = _implementation(g)
+    return r1_penalty_reference(g) if impl is None else impl.r1_penalty(g)

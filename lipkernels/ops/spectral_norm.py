@@ -28,14 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from . import _validate
+from . import _layout, _validate
 
 
 # ----------------------------------------------------------------- references
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 @torch.no_grad()
 def power_iteration_reference(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
@@ -48,7 +44,7 @@ def power_iteration_reference(weights: Sequence[torch.Tensor], us: Sequence[torc
         for _ in range(n_power_iterations):
             u.copy_(F.normalize(torch.mv(mat, v), dim=0, eps=eps))
             v.copy_(F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps))
-        sigmas.append(torch.vdot(u, torch.mv(mat, v)).to(_acc_dtype(w.dtype)))
+        sigmas.append(torch.vdot(u, torch.mv(mat, v)).to(_layout.acc_dtype(w.dtype)))
     if not sigmas:
         return torch.empty(0)
     return torch.stack(sigmas)
@@ -98,9 +94,13 @@ def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
     if not weights:
         return torch.empty(0)
     detached = [w.detach() for w in weights]
+    backend = backends.select(weights[0].device)
     with torch.no_grad():
-        if backends.select(weights[0].device) == "reference":
+        if backend == "reference":
             return power_iteration_reference(detached, us, vs, n_power_iterations, eps)
+        if backend == "triton":
+            from ..triton import spectral_norm as triton_ops
+            return triton_ops.power_iteration(detached, us, vs, n_power_iterations, eps)
         return torch.ops.lipkernels.power_iteration(detached, list(us), list(vs),
                                                     n_power_iterations, eps)
 
@@ -126,7 +126,11 @@ def spectral_normalize_unchecked(weights, us, vs, n_power_iterations: int, eps: 
     arguments are right by construction (the layers); the kernels still check."""
     if not weights:
         return []
-    if backends.select(weights[0].device) == "reference":
+    backend = backends.select(weights[0].device)
+    if backend == "reference":
         return spectral_normalize_reference(weights, us, vs, n_power_iterations, eps, training)
+    if backend == "triton":
+        from ..triton import spectral_norm as triton_ops
+        return triton_ops.spectral_normalize(weights, us, vs, n_power_iterations, eps, training)
     return torch.ops.lipkernels.spectral_normalize(list(weights), list(us), list(vs),
                                                    n_power_iterations, eps, bool(training))
