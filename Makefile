@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# Triton for the triton backend; without a GPU its kernels run under the interpreter.
+TRITON ?= triton==3.9.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
@@ -13,9 +15,9 @@ CMAKE := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
 .PHONY: install test bench bench-quick cmake-build check clean
 
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH)" numpy pytest pytest-benchmark ninja "setuptools>=64" wheel
+	$(PIP) install -q "$(TORCH)" "$(TRITON)" numpy pytest pytest-benchmark ninja "setuptools>=64" wheel
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(SOURCES)
@@ -36,6 +38,7 @@ cmake-build: build/cmake/liblipkernels.so
 
 test: install cmake-build
 	LIPKERNELS_REQUIRE_CMAKE=1 $(PY) -m pytest tests -q
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton -p no:cacheprovider
 	$(PY) -m pytest bench -q --bench-quick -p no:cacheprovider
 
 bench: install
