@@ -18,7 +18,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../binding_utils.h"
+#include "../bindings_common.h"
 #include "../epilogue.h"
 #include "output_cache.h"
 #include "vec.h"
@@ -71,10 +71,11 @@ void scale_samples(const T* x, const acc_t<T>* coef, int64_t B, int64_t N, T* ou
   });
 }
 
-// norm[b] = ||g_b||, out[b] = epilogue(f_b, norm[b]) (both in the accumulation type).
-template <typename T>
+// norm[b] = ||g_b|| (accumulation type), out[b] = epilogue(f_b, norm[b]) computed in the
+// accumulation type and stored as O (g's dtype, or the accumulation type for GP / R1).
+template <typename T, typename O>
 void norm_epilogue_forward_kernel(const T* g, int64_t B, int64_t N, const T* f, int64_t f_stride,
-                                  Epilogue e, acc_t<T> param, acc_t<T>* out, acc_t<T>* norm) {
+                                  Epilogue e, acc_t<T> param, O* out, acc_t<T>* norm) {
   using A = acc_t<T>;
   per_sample_reduce<A>(B, N, norm, [&](int64_t b, int64_t start, int64_t len) {
     return sum_squares(g + b * N + start, len);
@@ -82,7 +83,7 @@ void norm_epilogue_forward_kernel(const T* g, int64_t B, int64_t N, const T* f, 
   for (int64_t b = 0; b < B; ++b) {
     norm[b] = std::sqrt(norm[b]);
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
-    out[b] = epilogue_forward<A>(e, fb, norm[b], param);
+    out[b] = static_cast<O>(epilogue_forward<A>(e, fb, norm[b], param));
   }
 }
 
@@ -102,106 +103,71 @@ void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t
 }
 
 // ---------------------------------------------------------------- bindings
+// Argument checks, layouts and outputs: bindings_common.h (shared with the CUDA bindings).
 
 std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
                                                  const std::optional<at::Tensor>& f,
                                                  c10::string_view epilogue, double param) {
-  constexpr const char* op = "lipkernels::_norm_epilogue";
-  check_batched(g_in, op, "g");
-  const Epilogue e = parse_epilogue(epilogue);
-  const bool use_f = epilogue_uses_f(e);
-  TORCH_CHECK(use_f == (f.has_value() && f->defined()), op, ": epilogue '", std::string(epilogue),
-              use_f ? "' needs f" : "' takes no f");
-  if (use_f) check_per_sample(*f, g_in, op, "f");
-  const at::Tensor g = as_sample_blocks(g_in);
-  const int64_t B = g.size(0), N = g.numel() / B;
-  const auto acc = acc_type_of(g.scalar_type());
-  auto norm = at::empty({B}, g.options().dtype(acc));
-  auto out_acc = at::empty({B}, g.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "norm_epilogue", [&] {
+  auto c = prepare_norm_epilogue(g_in, f, epilogue, "lipkernels::_norm_epilogue");
+  const bool use_f = c.f.defined();
+  const bool out_acc = c.out.scalar_type() != c.g.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "norm_epilogue", [&] {
     using A = acc_t<scalar_t>;
-    norm_epilogue_forward_kernel<scalar_t>(
-        g.const_data_ptr<scalar_t>(), B, N, use_f ? f->const_data_ptr<scalar_t>() : nullptr,
-        use_f ? f->stride(0) : 0, e, static_cast<A>(param), out_acc.mutable_data_ptr<A>(),
-        norm.mutable_data_ptr<A>());
+    const scalar_t* f_ptr = use_f ? c.f.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t f_stride = use_f ? c.f.stride(0) : 0;
+    if (out_acc)
+      norm_epilogue_forward_kernel<scalar_t, A>(c.g.const_data_ptr<scalar_t>(), c.B, c.N, f_ptr,
+                                                f_stride, c.e, static_cast<A>(param),
+                                                c.out.mutable_data_ptr<A>(), c.norm.mutable_data_ptr<A>());
+    else
+      norm_epilogue_forward_kernel<scalar_t, scalar_t>(
+          c.g.const_data_ptr<scalar_t>(), c.B, c.N, f_ptr, f_stride, c.e, static_cast<A>(param),
+          c.out.mutable_data_ptr<scalar_t>(), c.norm.mutable_data_ptr<A>());
   });
-  return {out_acc.to(epilogue_out_dtype(e, g.scalar_type())), norm};
+  return {c.out, c.norm};
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
     const at::Tensor& grad_out, const at::Tensor& g_in, const std::optional<at::Tensor>& f,
     const at::Tensor& norm, c10::string_view epilogue, double param) {
-  constexpr const char* op = "lipkernels::_norm_epilogue_backward";
-  check_batched(g_in, op, "g");
-  const Epilogue e = parse_epilogue(epilogue);
-  const bool use_f = epilogue_uses_f(e);
-  TORCH_CHECK(use_f == (f.has_value() && f->defined()), op, ": epilogue '", std::string(epilogue),
-              use_f ? "' needs f" : "' takes no f");
-  if (use_f) check_per_sample(*f, g_in, op, "f");
-  check_floating(grad_out, op, "grad_out");
-  TORCH_CHECK(grad_out.dim() == 1 && grad_out.size(0) == g_in.size(0), op,
-              ": grad_out must have shape (B,), got ", grad_out.sizes());
-  const int64_t B = g_in.size(0);
-  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == B && norm.is_contiguous() &&
-                  norm.scalar_type() == acc_type_of(g_in.scalar_type()),
-              op, ": norm must be the contiguous (B,) accumulation-type norm returned by _norm_epilogue");
-  const at::Tensor g = as_sample_blocks(g_in);
-  const int64_t N = g.numel() / B;
-  auto grad_g = empty_output_like(g);
-  auto grad_f = use_f ? at::empty({B}, g.options()) : at::empty({0}, g.options());
-  const at::Tensor go = grad_out.to(acc_type_of(g.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "norm_epilogue_backward", [&] {
+  auto c = prepare_norm_epilogue_backward(grad_out, g_in, f, norm, epilogue, &empty_output_like,
+                                          "lipkernels::_norm_epilogue_backward");
+  const bool use_f = c.f.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "norm_epilogue_backward", [&] {
     using A = acc_t<scalar_t>;
     norm_epilogue_backward_kernel<scalar_t>(
-        go.const_data_ptr<A>(), g.const_data_ptr<scalar_t>(), B, N,
-        use_f ? f->const_data_ptr<scalar_t>() : nullptr, use_f ? f->stride(0) : 0,
-        norm.const_data_ptr<A>(), e, static_cast<A>(param),
-        use_f ? grad_f.mutable_data_ptr<scalar_t>() : nullptr, grad_g.mutable_data_ptr<scalar_t>());
+        c.go.const_data_ptr<A>(), c.g.const_data_ptr<scalar_t>(), c.B, c.N,
+        use_f ? c.f.const_data_ptr<scalar_t>() : nullptr, use_f ? c.f.stride(0) : 0,
+        c.norm.const_data_ptr<A>(), c.e, static_cast<A>(param),
+        use_f ? c.grad_f.mutable_data_ptr<scalar_t>() : nullptr, c.grad_g.mutable_data_ptr<scalar_t>());
   });
-  return {grad_f, grad_g};
+  return {c.grad_f, c.grad_g};
 }
 
-at::Tensor sample_scale(const at::Tensor& g_in, const at::Tensor& c) {
-  constexpr const char* op = "lipkernels::sample_scale";
-  check_batched(g_in, op, "g");
-  check_floating(c, op, "c");
-  check_same_device(c, g_in, op, "c", "g");
-  TORCH_CHECK(c.dim() == 1 && c.size(0) == g_in.size(0), op,
-              ": c must have shape (B,) with B = g.shape[0] = ", g_in.size(0), ", got ", c.sizes());
-  const at::Tensor g = as_sample_blocks(g_in);
-  const int64_t B = g.size(0), N = g.numel() / B;
-  const at::Tensor coef = c.to(acc_type_of(g.scalar_type())).contiguous();
-  auto out = empty_output_like(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "sample_scale", [&] {
-    scale_samples<scalar_t>(g.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t<scalar_t>>(), B,
-                            N, out.mutable_data_ptr<scalar_t>());
+at::Tensor sample_scale(const at::Tensor& g_in, const at::Tensor& c_in) {
+  auto c = prepare_sample_scale(g_in, c_in, &empty_output_like, "lipkernels::sample_scale");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "sample_scale", [&] {
+    scale_samples<scalar_t>(c.g.const_data_ptr<scalar_t>(), c.coef.const_data_ptr<acc_t<scalar_t>>(),
+                            c.B, c.N, c.out.mutable_data_ptr<scalar_t>());
   });
-  return out;
+  return c.out;
 }
 
 at::Tensor sample_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
-  constexpr const char* op = "lipkernels::sample_dot";
-  check_batched(a_in, op, "a");
-  check_floating(b_in, op, "b");
-  check_same_device(a_in, b_in, op, "a", "b");
-  TORCH_CHECK(a_in.sizes() == b_in.sizes() && a_in.scalar_type() == b_in.scalar_type(), op,
-              ": a and b must have the same shape and dtype, got ", a_in.sizes(), " ",
-              a_in.scalar_type(), " and ", b_in.sizes(), " ", b_in.scalar_type());
-  auto [a, b] = as_matching_sample_blocks(a_in, b_in);
-  const int64_t B = a.size(0), N = a.numel() / B;
-  auto out = at::empty({B}, a.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sample_dot", [&] {
+  auto c = prepare_sample_dot(a_in, b_in, "lipkernels::sample_dot");
+  const int64_t B = c.B, N = c.N;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.a.scalar_type(), "sample_dot", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* pa = a.const_data_ptr<scalar_t>();
-    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    const scalar_t* pa = c.a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = c.b.const_data_ptr<scalar_t>();
     std::vector<A> acc(B);
     per_sample_reduce<A>(B, N, acc.data(), [&](int64_t s, int64_t start, int64_t len) {
       return dot(pa + s * N + start, pb + s * N + start, len);
     });
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    scalar_t* po = c.out.mutable_data_ptr<scalar_t>();
     for (int64_t s = 0; s < B; ++s) po[s] = static_cast<scalar_t>(acc[s]);
   });
-  return out;
+  return c.out;
 }
 
 }  // namespace

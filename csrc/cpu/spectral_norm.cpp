@@ -25,7 +25,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../binding_utils.h"
+#include "../bindings_common.h"
 #include "output_cache.h"
 #include "vec.h"
 
@@ -355,35 +355,19 @@ std::vector<Layer<T>> make_layers_flat(const std::vector<at::Tensor>& weights, c
   return layers;
 }
 
-int64_t flat_uv_size(at::TensorList weights) {
-  int64_t n = 0;
-  for (const auto& w : weights) n += w.size(0) + w.numel() / w.size(0);
-  return n;
-}
-
-void check_iteration_args(const char* op, int64_t n_power_iterations, double eps) {
-  TORCH_CHECK(n_power_iterations >= 0, op, ": n_power_iterations must be >= 0, got ",
-              n_power_iterations);
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-}
-
 // ---------------------------------------------------------------- bindings
+// Argument checks, layouts and outputs: bindings_common.h (shared with the CUDA bindings).
 
 at::Tensor power_iteration(at::TensorList weights_in, at::TensorList us, at::TensorList vs,
                            int64_t n_power_iterations, double eps) {
-  constexpr const char* op = "lipkernels::power_iteration";
-  check_spectral_batch(weights_in, us, vs, op);
-  check_iteration_args(op, n_power_iterations, eps);
-  if (weights_in.empty()) return at::empty({0}, at::kFloat);
-  const auto weights = contiguous_all(weights_in);
-  const auto dtype = weights[0].scalar_type();
-  auto sigmas = at::empty({static_cast<int64_t>(weights.size())},
-                          weights[0].options().dtype(acc_type_of(dtype)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "power_iteration", [&] {
-    spectral_forward<scalar_t>(make_layers<scalar_t>(weights, us, vs), n_power_iterations, eps,
-                               sigmas.mutable_data_ptr<acc_t<scalar_t>>(), nullptr);
+  auto c = prepare_power_iteration(weights_in, us, vs, n_power_iterations, eps,
+                                   "lipkernels::power_iteration");
+  if (c.weights.empty()) return c.sigmas;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "power_iteration", [&] {
+    spectral_forward<scalar_t>(make_layers<scalar_t>(c.weights, us, vs), n_power_iterations, eps,
+                               c.sigmas.mutable_data_ptr<acc_t<scalar_t>>(), nullptr);
   });
-  return sigmas;
+  return c.sigmas;
 }
 
 // Functional: us and vs are read, not written; the updated vectors are returned in
@@ -391,46 +375,28 @@ at::Tensor power_iteration(at::TensorList weights_in, at::TensorList us, at::Ten
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> sn_forward(
     at::TensorList weights_in, at::TensorList us, at::TensorList vs, int64_t n_power_iterations,
     double eps) {
-  constexpr const char* op = "lipkernels::_sn_forward";
-  check_spectral_batch(weights_in, us, vs, op);
-  check_iteration_args(op, n_power_iterations, eps);
-  const auto weights = contiguous_all(weights_in);
-  const auto opts = weights.empty() ? at::TensorOptions(at::kFloat) : weights[0].options();
-  const auto dtype = opts.dtype().toScalarType();
-  auto sigmas = at::empty({static_cast<int64_t>(weights.size())}, opts.dtype(acc_type_of(dtype)));
-  auto uv = at::empty({flat_uv_size(weights)}, opts);
-  std::vector<at::Tensor> outs;
-  for (const auto& w : weights) outs.push_back(empty_output_like(w));
-  if (weights.empty()) return {outs, sigmas, uv};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sn_forward", [&] {
-    scalar_t* p = uv.mutable_data_ptr<scalar_t>();
-    for (size_t i = 0; i < weights.size(); ++i) {
+  auto c = prepare_sn_forward(weights_in, us, vs, n_power_iterations, eps, &empty_output_like,
+                              "lipkernels::_sn_forward");
+  if (c.weights.empty()) return {c.outs, c.sigmas, c.uv};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "sn_forward", [&] {
+    scalar_t* p = c.uv.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < c.weights.size(); ++i) {
       std::copy_n(us[i].const_data_ptr<scalar_t>(), us[i].numel(), p);
       p += us[i].numel();
       std::copy_n(vs[i].const_data_ptr<scalar_t>(), vs[i].numel(), p);
       p += vs[i].numel();
     }
     std::vector<scalar_t*> po;
-    for (auto& o : outs) po.push_back(o.mutable_data_ptr<scalar_t>());
-    spectral_forward<scalar_t>(make_layers_flat<scalar_t>(weights, uv), n_power_iterations, eps,
-                               sigmas.mutable_data_ptr<acc_t<scalar_t>>(), po.data());
+    for (auto& o : c.outs) po.push_back(o.mutable_data_ptr<scalar_t>());
+    spectral_forward<scalar_t>(make_layers_flat<scalar_t>(c.weights, c.uv), n_power_iterations, eps,
+                               c.sigmas.mutable_data_ptr<acc_t<scalar_t>>(), po.data());
   });
-  return {outs, sigmas, uv};
+  return {c.outs, c.sigmas, c.uv};
 }
 
 // us[i], vs[i] <- the vectors of layer i in uv.
 void sn_store_vectors_(at::TensorList us, at::TensorList vs, const at::Tensor& uv) {
-  constexpr const char* op = "lipkernels::_sn_store_vectors_";
-  TORCH_CHECK(us.size() == vs.size(), op, ": us and vs must have the same length");
-  int64_t n = 0;
-  for (size_t i = 0; i < us.size(); ++i) {
-    TORCH_CHECK(us[i].is_contiguous() && vs[i].is_contiguous() &&
-                    us[i].scalar_type() == uv.scalar_type() && vs[i].scalar_type() == uv.scalar_type(),
-                op, ": us[", i, "] and vs[", i, "] must be contiguous, of uv's dtype");
-    n += us[i].numel() + vs[i].numel();
-  }
-  TORCH_CHECK(uv.dim() == 1 && uv.is_contiguous() && uv.numel() == n, op,
-              ": uv must be contiguous with ", n, " elements, got ", uv.sizes());
+  check_sn_store_vectors(us, vs, uv, "lipkernels::_sn_store_vectors_");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, uv.scalar_type(), "sn_store_vectors_", [&] {
     const scalar_t* p = uv.const_data_ptr<scalar_t>();
     for (size_t i = 0; i < us.size(); ++i) {
@@ -444,53 +410,23 @@ void sn_store_vectors_(at::TensorList us, at::TensorList vs, const at::Tensor& u
 
 std::vector<at::Tensor> sn_backward(at::TensorList grads_in, at::TensorList weights_in,
                                     const at::Tensor& uv, const at::Tensor& sigmas, double eps) {
-  constexpr const char* op = "lipkernels::_sn_backward";
-  TORCH_CHECK(grads_in.size() == weights_in.size(), op, ": expected ", weights_in.size(),
-              " grads, got ", grads_in.size());
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  if (weights_in.empty()) return {};
-  const auto weights = contiguous_all(weights_in);
-  const auto grads = contiguous_all(grads_in);
-  const auto dtype = weights[0].scalar_type();
-  for (size_t i = 0; i < weights.size(); ++i) {
-    check_floating(weights[i], op, "weights[i]");
-    TORCH_CHECK(weights[i].dim() >= 2 && weights[i].scalar_type() == dtype &&
-                    weights[i].device() == weights[0].device(),
-                op, ": weights must have rank >= 2 and share one dtype and device");
-    TORCH_CHECK(grads[i].sizes() == weights[i].sizes() && grads[i].scalar_type() == dtype &&
-                    grads[i].device() == weights[i].device(),
-                op, ": grads[", i, "] must match weights[", i, "] in shape, dtype and device");
-  }
-  TORCH_CHECK(uv.dim() == 1 && uv.size(0) == flat_uv_size(weights) && uv.is_contiguous() &&
-                  uv.scalar_type() == dtype,
-              op, ": uv must be the flat (u_0, v_0, u_1, ...) tensor returned by _sn_forward");
-  TORCH_CHECK(sigmas.dim() == 1 && sigmas.size(0) == static_cast<int64_t>(weights.size()) &&
-                  sigmas.is_contiguous() && sigmas.scalar_type() == acc_type_of(dtype),
-              op, ": sigmas must be the contiguous (L,) tensor returned by _sn_forward");
-  std::vector<at::Tensor> outs;
-  for (const auto& w : weights) outs.push_back(empty_output_like(w));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sn_backward", [&] {
+  auto c = prepare_sn_backward(grads_in, weights_in, uv, sigmas, eps, &empty_output_like,
+                               "lipkernels::_sn_backward");
+  if (c.weights.empty()) return {};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "sn_backward", [&] {
     std::vector<scalar_t*> po;
     std::vector<const scalar_t*> pg;
-    for (auto& o : outs) po.push_back(o.mutable_data_ptr<scalar_t>());
-    for (auto& g : grads) pg.push_back(g.const_data_ptr<scalar_t>());
-    spectral_backward<scalar_t>(make_layers_flat<scalar_t>(weights, uv), pg.data(),
+    for (auto& o : c.outs) po.push_back(o.mutable_data_ptr<scalar_t>());
+    for (auto& g : c.grads) pg.push_back(g.const_data_ptr<scalar_t>());
+    spectral_backward<scalar_t>(make_layers_flat<scalar_t>(c.weights, uv), pg.data(),
                                 sigmas.const_data_ptr<acc_t<scalar_t>>(), eps, po.data());
   });
-  return outs;
+  return c.outs;
 }
 
 void clip_(at::TensorList tensors, double c) {
-  constexpr const char* op = "lipkernels::clip_";
-  TORCH_CHECK(c > 0, op, ": c must be > 0, got ", c);
+  const std::vector<int64_t> offsets = check_clip(tensors, c, c10::DeviceType::CPU, "lipkernels::clip_");
   // One parallel region over the elements of every tensor.
-  std::vector<int64_t> offsets(tensors.size() + 1, 0);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_floating(tensors[i], op, "tensors[i]");
-    TORCH_CHECK(tensors[i].is_contiguous() && tensors[i].device().is_cpu(), op, ": tensors[", i,
-                "] must be a contiguous CPU tensor");
-    offsets[i + 1] = offsets[i] + tensors[i].numel();
-  }
   at::parallel_for(0, offsets.back(), 32768, [&](int64_t begin, int64_t end) {
     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
     while (begin < end) {
