@@ -1,14 +1,22 @@
 """Builds lipkernels._C, the compiled operator library.
 
-The C++ CPU kernels are always built. Build with the torch that is already
-installed: ``pip install --no-build-isolation -e .`` (the Makefile does this).
+The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/) are built too,
+as a CUDAExtension, when the installed torch has CUDA (torch.version.cuda is not
+None) and nvcc is found (CUDA_HOME, or nvcc on PATH), unless LIPKERNELS_NO_CUDA=1;
+for the architectures of TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Why a build has no
+CUDA kernels is compiled into the library (``lipkernels info`` prints it).
+
+Build with the torch that is already installed: ``pip install --no-build-isolation
+-e .`` (the Makefile does this).
 """
 import glob
 import os
 import re
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+import torch
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,13 +45,59 @@ def cpu_arch_flags():
     return [] if level == "generic" else [f"-march={level}"]
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def cuda_config():
+    """(build CUDA kernels?, reason code when not, architectures as sm_80.sm_90).
+
+    The reason codes are read back by lipkernels._extension.cuda_reason()."""
+    if os.environ.get("LIPKERNELS_NO_CUDA", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False, "disabled_by_env", ""
+    if torch.version.cuda is None:
+        return False, "torch_without_cuda", ""
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return False, "nvcc_not_found", ""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
+    # torch.utils.cpp_extension reads the list from the environment (without it, it
+    # would build for the GPUs of the build machine only).
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return True, "", arch_tag(archs)
+
+
+def arch_tag(archs):
+    """TORCH_CUDA_ARCH_LIST as one preprocessor-safe token sequence (no commas or
+    semicolons) for LIPKERNELS_CUDA_ARCHS: "8.0;9.0+PTX" -> "sm_80.sm_90+PTX"."""
+    tags = []
+    for a in re.split(r"[;,\s]+", archs):
+        if a:
+            ptx = a.upper().endswith("+PTX")
+            a = a[:-4] if ptx else a
+            tags.append("sm_" + re.sub(r"[^0-9A-Za-z]", "", a) + ("+PTX" if ptx else ""))
+    return ".".join(tags)
+
+
 def extension():
+    use_cuda, reason, archs = cuda_config()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", f"-DLIPKERNELS_VERSION={read_version()}"] + cpu_arch_flags()
-    return CppExtension(
+    if not use_cuda:
+        print(f"lipkernels: building without CUDA kernels ({reason})")
+        return CppExtension(
+            "lipkernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx + [f"-DLIPKERNELS_NO_CUDA_REASON={reason}"]},
+            extra_link_args=["-fopenmp"],
+        )
+    print(f"lipkernels: building CUDA kernels for {archs}")
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    defines = ["-DLIPKERNELS_WITH_CUDA", f"-DLIPKERNELS_CUDA_ARCHS={archs}"]
+    return CUDAExtension(
         "lipkernels._C",
         sources,
-        extra_compile_args={"cxx": cxx},
+        extra_compile_args={"cxx": cxx + defines,
+                            "nvcc": ["-O3", "-lineinfo"] + defines},
         extra_link_args=["-fopenmp"],
     )
 

@@ -42,6 +42,11 @@
 #ifndef LIPKERNELS_CUDA_ARCHS
 #define LIPKERNELS_CUDA_ARCHS
 #endif
+// Why a build has no CUDA kernels, as a code that lipkernels/_extension.py explains:
+// disabled_by_env, torch_without_cuda, nvcc_not_found, cmake_option_off.
+#ifndef LIPKERNELS_NO_CUDA_REASON
+#define LIPKERNELS_NO_CUDA_REASON unknown
+#endif
 #define LK_STR_(x) #x
 #define LK_STR(x) LK_STR_(x)
 
@@ -391,9 +396,9 @@ std::string build_info() {
   s += ", \"openmp\": false";
 #endif
 #ifdef LIPKERNELS_WITH_CUDA
-  s += ", \"cuda\": true, \"cuda_archs\": \"" LK_STR(LIPKERNELS_CUDA_ARCHS) "\"";
+  s += ", \"cuda\": true, \"cuda_archs\": \"" LK_STR(LIPKERNELS_CUDA_ARCHS) "\", \"cuda_reason\": \"\"";
 #else
-  s += ", \"cuda\": false, \"cuda_archs\": \"\"";
+  s += ", \"cuda\": false, \"cuda_archs\": \"\", \"cuda_reason\": \"" LK_STR(LIPKERNELS_NO_CUDA_REASON) "\"";
 #endif
   s += "}";
   return s;
