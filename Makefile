@@ -1,7 +1,8 @@
 # The project's commands. README: `make bench` runs the benchmark suite, `make test`
-# runs the tests. Both create .venv, install torch==2.13.0 (the CPU wheel; never an
-# unpinned torch, which pulls GBs of CUDA packages), and build the extension with
-# --no-build-isolation against that torch.
+# runs the tests (after `make cuda-check`, the nvcc compile check of the CUDA kernels).
+# Both create .venv, install torch==2.13.0 (the CPU wheel; never an unpinned torch,
+# which pulls GBs of CUDA packages), and build the extension with --no-build-isolation
+# against that torch.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -9,11 +10,11 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu)
 # cmake from the machine, else from PyPI into the virtualenv.
 CMAKE := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
-.PHONY: install test bench bench-quick cmake-build check clean
+.PHONY: install test bench bench-quick cmake-build cuda-check cuda-objects check clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +37,60 @@ build/cmake/liblipkernels.so: $(VENV)/.deps $(CMAKE) CMakeLists.txt $(SOURCES)
 
 cmake-build: build/cmake/liblipkernels.so
 
-test: install cmake-build
+# ---- CUDA compile check: CI has nvcc but a CPU-only torch and no GPU, so the CUDA
+# kernels are compiled here on their own (the .cu files include no torch header) for
+# every architecture of NVCC_ARCHS, warnings as errors, with the half-type flags torch
+# builds with; each object's per-architecture cubins are kept beside it
+# (build/nvcc/<name>.sm_80.cubin, ...; tests/test_cuda.py checks them). The binding
+# (cuda/bindings.cpp), which needs torch's headers, gets a syntax check against the
+# installed torch's headers. No nvcc: skipped with a message, or an error when
+# LIPKERNELS_REQUIRE_NVCC=1 (CI sets it).
+NVCC ?= $(shell command -v /usr/local/cuda/bin/nvcc 2>/dev/null || command -v nvcc 2>/dev/null)
+NVCC_ARCHS ?= 80 90
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+CUDA_OBJECTS := $(CUDA_SOURCES:csrc/cuda/%.cu=build/nvcc/%.o)
+CUDA_HEADERS := $(wildcard csrc/cuda/*.h csrc/cuda/*.cuh) csrc/epilogue.h
+NVCC_FLAGS := -std=c++17 -O3 -lineinfo $(foreach a,$(NVCC_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
+	-Werror all-warnings -Xcompiler -Wall,-Wextra,-fPIC --expt-relaxed-constexpr \
+	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+	-D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+
+cuda-check:
+	@if [ -z "$(NVCC)" ] || ! command -v "$(NVCC)" >/dev/null 2>&1; then \
+	  if [ "$$LIPKERNELS_REQUIRE_NVCC" = 1 ]; then \
+	    echo "cuda-check: FAILED: nvcc not found (looked for NVCC='$(NVCC)', /usr/local/cuda/bin/nvcc, nvcc on PATH) and LIPKERNELS_REQUIRE_NVCC=1" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "cuda-check: SKIPPED: nvcc not found (set NVCC=/path/to/nvcc; LIPKERNELS_REQUIRE_NVCC=1 makes this an error)"; \
+	else \
+	  echo "cuda-check: $(NVCC) ($$($(NVCC) --version | tail -1)) for $(foreach a,$(NVCC_ARCHS),sm_$(a))"; \
+	  $(MAKE) --no-print-directory -j 2 cuda-objects; \
+	fi
+
+cuda-objects: $(CUDA_OBJECTS) build/nvcc/bindings.syntax-ok
+
+build/nvcc/%.o: csrc/cuda/%.cu $(CUDA_HEADERS)
+	@rm -rf build/nvcc/$*.keep build/nvcc/$*.sm_*.cubin && mkdir -p build/nvcc/$*.keep
+	$(NVCC) $(NVCC_FLAGS) -keep -keep-dir build/nvcc/$*.keep -c $< -o $@.tmp
+	@for a in $(NVCC_ARCHS); do \
+	  cubin=$$(ls build/nvcc/$*.keep/*_$$a.cubin 2>/dev/null | head -1); \
+	  if [ -z "$$cubin" ]; then echo "cuda-check: no sm_$$a cubin from $<" >&2; exit 1; fi; \
+	  cp "$$cubin" build/nvcc/$*.sm_$$a.cubin; \
+	done
+	@rm -rf build/nvcc/$*.keep
+	@mv $@.tmp $@
+
+# The c10/cuda headers of a CPU-only torch lack the generated cuda_cmake_macros.h: a
+# stand-in with its one definition.
+build/nvcc/bindings.syntax-ok: csrc/cuda/bindings.cpp csrc/cuda/kernels.h csrc/bindings_common.h csrc/binding_utils.h csrc/epilogue.h $(VENV)/.deps
+	@mkdir -p build/nvcc/stub/c10/cuda/impl
+	@printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > build/nvcc/stub/c10/cuda/impl/cuda_cmake_macros.h
+	$(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -Werror \
+	  $$($(PY) -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-isystem " + p for p in include_paths()))') \
+	  -isystem build/nvcc/stub -isystem "$$(dirname "$$(command -v $(NVCC))")/../include" csrc/cuda/bindings.cpp
+	@touch $@
+
+test: cuda-check install cmake-build
 	LIPKERNELS_REQUIRE_CMAKE=1 $(PY) -m pytest tests -q
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton -p no:cacheprovider
 	$(PY) -m pytest bench -q --bench-quick -p no:cacheprovider
