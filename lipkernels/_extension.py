@@ -69,3 +69,56 @@ def build_info() -> dict:
     if not _loaded:
         return {}
     return json.loads(torch.ops.lipkernels._build_info())
+
+
+#: Why a build has no CUDA kernels: the codes setup.py / CMakeLists.txt compile in.
+_NO_CUDA_REASONS = {
+    "disabled_by_env": "LIPKERNELS_NO_CUDA=1 was set when it was built",
+    "torch_without_cuda": "the torch it was built against has no CUDA (torch.version.cuda is None)",
+    "nvcc_not_found": ("nvcc was not found when it was built (set CUDA_HOME or put nvcc on PATH, "
+                       "then rebuild)"),
+    "cmake_option_off": "it was configured with the CMake option LIPKERNELS_CUDA=OFF",
+}
+
+
+def cuda_reason() -> str | None:
+    """Why the loaded library has no CUDA kernels (None when it has them)."""
+    if not _loaded:
+        return _error or "the compiled extension is not loaded"
+    info = build_info()
+    if info.get("cuda", False):
+        return None
+    code = info.get("cuda_reason", "")
+    return _NO_CUDA_REASONS.get(code, f"it was built without them (reason code {code!r})"
+                                if code else "it was built without them")
+
+
+def cuda_archs() -> list:
+    """The GPU architectures of the compiled CUDA kernels, e.g. ``['sm_80', 'sm_90']``."""
+    info = build_info()
+    return [a for a in info.get("cuda_archs", "").split(".") if a] if info.get("cuda") else []
+
+
+def cuda_arch_mismatch(capability) -> str | None:
+    """Why kernels compiled for :func:`cuda_archs` cannot run on a GPU of compute
+    capability ``(major, minor)``, or None when they can (or the list is not understood)."""
+    import re
+    major, minor = capability
+    parsed = []
+    for arch in cuda_archs():
+        m = re.fullmatch(r"sm_(\d+)(\d)([a-z]?)(\+PTX)?", arch, flags=re.IGNORECASE)
+        if not m:
+            return None  # an unknown spelling: do not second-guess it
+        parsed.append((int(m.group(1)), int(m.group(2)), m.group(3), bool(m.group(4))))
+    if not parsed:
+        return None
+    for a_major, a_minor, suffix, ptx in parsed:
+        if ptx and (a_major, a_minor) <= (major, minor):
+            return None  # PTX is compiled for newer GPUs by the driver
+        if suffix and (a_major, a_minor) == (major, minor):
+            return None
+        if not suffix and a_major == major and a_minor <= minor:
+            return None  # SASS runs on the same major version, same or newer minor
+    return (f"its CUDA kernels were compiled for {'.'.join(cuda_archs())}, which cannot run on "
+            f"this GPU (sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST including "
+            f"{major}.{minor}")

@@ -59,11 +59,15 @@ def _probe(name: str) -> Tuple[bool, str]:
     if name == "cuda":
         if not _extension.loaded():
             return False, _extension.error() or "the compiled extension is not loaded"
-        if not _extension.build_info().get("cuda", False):
-            return False, ("the extension was compiled without CUDA kernels (no CUDA kernels "
-                           "exist in this version of lipkernels yet)")
+        why = _extension.cuda_reason()
+        if why is not None:
+            return False, f"the compiled extension has no CUDA kernels: {why}"
         if not torch.cuda.is_available():
-            return False, "torch.cuda.is_available() is False (no GPU, or a CPU-only torch)"
+            return False, ("the extension has CUDA kernels, but torch.cuda.is_available() is False "
+                           "(no GPU visible, or the driver is missing)")
+        mismatch = _extension.cuda_arch_mismatch(torch.cuda.get_device_capability())
+        if mismatch is not None:
+            return False, mismatch
         return True, ""
     if name == "triton":
         from . import triton as triton_backend

@@ -43,8 +43,10 @@ def cmd_info(args) -> int:
     if _extension.loaded():
         info = _extension.build_info()
         print(f"  {'compiled':<14} CPU kernels (OpenMP: {'yes' if info.get('openmp') else 'no'}); "
-              + (f"CUDA kernels for {info.get('cuda_archs')}" if info.get("cuda")
+              + (f"CUDA kernels for {', '.join(_extension.cuda_archs())}" if info.get("cuda")
                  else "no CUDA kernels"))
+        if not info.get("cuda"):
+            print(f"  {'no CUDA':<14} {_extension.cuda_reason()}")
         cached = torch.ops.lipkernels._cpu_output_cache_bytes()
         print(f"  {'output cache':<14} {cached / 2**20:.1f} MiB held")
     else:
