@@ -405,13 +405,22 @@ __global__ void __launch_bounds__(kThreads) sn_backward_scale_kernel(const __gri
 
 // ---------------------------------------------------------------- host: the plan
 
+// SM count of the current device (the work plan's target number of items), cached per
+// thread and device.
 int device_sms() {
+  thread_local int cached_dev = -1, cached_sms = 0;
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     (void)cudaGetLastError();  // not a launch error of ours: clear it
     return 108;
   }
+  if (dev == cached_dev) return cached_sms;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    return 108;
+  }
+  cached_dev = dev;
+  cached_sms = n;
   return n;
 }
 
