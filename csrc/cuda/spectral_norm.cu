@@ -47,6 +47,10 @@ namespace {
 constexpr int kItemsPerSM = 2;              // target pass items per SM over a group's layers
 constexpr int64_t kMinItemElems = 8192;     // elements of W per pass item: at least ...
 constexpr int64_t kMaxItemElems = 131072;   // ... and at most
+// Rows per pass item at least (where the layer has them): each item writes a (k,)
+// partial of W^T t that the column reduction reads back, (4 / rows) * 4 / sizeof(T) of
+// W's bytes for float accumulation; 4 rows keep that at <= 25% for float32.
+constexpr int64_t kMinRowsPerItem = 4;
 constexpr int kRowPacksPerThread = 4;       // a row's 16-byte packs per thread that set the group width
 constexpr size_t kPassSmemLimit = 47 * 1024;  // dynamic shared memory of the pass (default limit 48 KiB)
 constexpr int kColBlock = kThreads;         // columns per col-reduce block, one per thread
@@ -476,7 +480,8 @@ bool plan_group(const SnLayer<T>* layers, int L, Mode mode, int sms, GroupPlan<T
     e.m = m;
     e.k = k;
     int64_t rows = (item_elems + k - 1) / k;
-    rows = rows < 1 ? 1 : (rows > m ? m : rows);
+    if (rows < kMinRowsPerItem) rows = kMinRowsPerItem;
+    if (rows > m) rows = m;
     e.rows_per_item = static_cast<int32_t>(rows);
     const int64_t n_items = (m + rows - 1) / rows;
     const int64_t packs = (k + V - 1) / V;
