@@ -578,9 +578,10 @@ def test_nvcc_compile_check_outputs():
     last change of the sources) and syntax-checked the binding."""
     assert CUDA_SOURCES, "no csrc/cuda/*.cu"
     out_dir = os.path.join(ROOT, "build", "nvcc")
-    newest_source = max(os.path.getmtime(p) for p in
-                        CUDA_SOURCES + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h*"))
-                        + [os.path.join(ROOT, "csrc", "epilogue.h")])
+    # The object's prerequisites in the Makefile: its .cu and the shared headers.
+    headers = (glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h"))
+               + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))
+               + [os.path.join(ROOT, "csrc", "epilogue.h")])
     problems = []
     for src in CUDA_SOURCES:
         stem = os.path.splitext(os.path.basename(src))[0]
@@ -588,16 +589,22 @@ def test_nvcc_compile_check_outputs():
         if not os.path.exists(obj):
             problems.append(f"{obj} missing")
             continue
-        if os.path.getmtime(obj) < newest_source:
-            problems.append(f"{obj} is older than the CUDA sources")
+        if os.path.getmtime(obj) < max(os.path.getmtime(p) for p in [src] + headers):
+            problems.append(f"{obj} is older than {os.path.basename(src)} or the headers it includes")
         for arch in CHECK_ARCHS:
             cubin = os.path.join(out_dir, f"{stem}.sm_{arch}.cubin")
             if not os.path.exists(cubin):
                 problems.append(f"{cubin} missing")
             elif _cubin_arch(cubin) != arch:
                 problems.append(f"{cubin} holds code for sm_{_cubin_arch(cubin)}, not sm_{arch}")
-    if not os.path.exists(os.path.join(out_dir, "bindings.syntax-ok")):
+    stamp = os.path.join(out_dir, "bindings.syntax-ok")
+    binding_sources = [os.path.join(ROOT, "csrc", *p) for p in
+                       (("cuda", "bindings.cpp"), ("cuda", "kernels.h"), ("bindings_common.h",),
+                        ("binding_utils.h",), ("epilogue.h",))]
+    if not os.path.exists(stamp):
         problems.append("the syntax check of csrc/cuda/bindings.cpp did not pass")
+    elif os.path.getmtime(stamp) < max(os.path.getmtime(p) for p in binding_sources):
+        problems.append("the syntax check of csrc/cuda/bindings.cpp is older than its sources")
     if problems:
         message = "nvcc compile check (`make cuda-check`): " + "; ".join(problems)
         if os.environ.get("LIPKERNELS_REQUIRE_NVCC") == "1":
