@@ -14,11 +14,11 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/
 # cmake from the machine, else from PyPI into the virtualenv.
 CMAKE := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
-.PHONY: install test bench bench-quick cmake-build cuda-check cuda-objects check clean
+.PHONY: install test bench cmake-build cuda-check cuda-objects check clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH)" "$(TRITON)" numpy pytest pytest-benchmark ninja "setuptools>=64" wheel
+	$(PIP) install -q "$(TORCH)" "$(TRITON)" numpy matplotlib pytest pytest-benchmark ninja "setuptools>=64" wheel
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(SOURCES)
@@ -93,10 +93,12 @@ build/nvcc/bindings.syntax-ok: csrc/cuda/bindings.cpp csrc/cuda/kernels.h csrc/b
 test: cuda-check install cmake-build
 	LIPKERNELS_REQUIRE_CMAKE=1 $(PY) -m pytest tests -q
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton -p no:cacheprovider
-	$(PY) -m pytest bench -q --bench-quick -p no:cacheprovider
+	$(VENV)/bin/lipkernels bench --quick --no-save
+	$(PY) -m pytest bench -q --benchmark-disable -p no:cacheprovider
 
+# The benchmark suite: prints the table, writes bench/results/<device>-<date>.json and .png.
 bench: install
-	$(PY) -m pytest bench -q -p no:cacheprovider
+	$(VENV)/bin/lipkernels bench
 
 check: install
 	$(VENV)/bin/lipkernels check

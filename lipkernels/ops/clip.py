@@ -2,7 +2,7 @@
 multi-tensor call."""
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
 import torch
 
@@ -22,20 +22,21 @@ def clip_reference(tensors: List[torch.Tensor], c: float) -> None:
 def clip_(tensors: Iterable[torch.Tensor], c: float) -> None:
     """Clamp every tensor to ``[-c, c]`` in place.
 
-    Tensors the compiled kernel can't take (non-contiguous, or another device than the
-    backend's) go through the ``torch._foreach`` reference in one call.
+    Contiguous tensors go to the compiled kernel (one call per device type); others, and
+    every tensor under the reference or triton backend, through one ``torch._foreach``
+    call.
     """
     c = _validate.positive("clip_", "c", c)
     tensors = list(tensors)
     for i, t in enumerate(tensors):
         _validate.tensor("clip_", f"tensors[{i}]", t)
-    fast: List[torch.Tensor] = []
+    fast: Dict[torch.device, List[torch.Tensor]] = {}
     rest: List[torch.Tensor] = []
     for t in tensors:
-        if t.is_contiguous() and backends.select(t.device) == "cpu":
-            fast.append(t)
+        if t.is_contiguous() and backends.select(t.device) in ("cpu", "cuda"):
+            fast.setdefault(t.device, []).append(t)
         else:
             rest.append(t)
-    if fast:
-        torch.ops.lipkernels.clip_(fast, c)
+    for group in fast.values():
+        torch.ops.lipkernels.clip_(group, c)
     clip_reference(rest, c)
