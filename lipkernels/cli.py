@@ -2,6 +2,7 @@
 
     lipkernels info     versions, the compiled library, and every backend: available or why not
     lipkernels check    every available backend against the reference on random inputs
+    lipkernels bench    the benchmark suite (--quick for a smoke run, --full for more sizes)
 """
 from __future__ import annotations
 
@@ -139,12 +140,26 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args) -> int:
+    from . import benchmark
+    return benchmark.main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipkernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled library, backends").set_defaults(fn=cmd_info)
     sub.add_parser("check", help="every backend against the reference").set_defaults(fn=cmd_check)
+    bench = sub.add_parser("bench", help="the benchmark suite: ops, training steps, bandwidth")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke run: small sizes, few rounds")
+    size.add_argument("--full", action="store_true", help="more sizes and rounds")
+    bench.add_argument("--only", help="only cases whose name or kind contains this text")
+    bench.add_argument("--output", help="folder of the results file (default bench/results)")
+    bench.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    bench.add_argument("--no-save", action="store_true", help="print the table only")
+    bench.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     return args.fn(args)

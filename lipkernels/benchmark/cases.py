@@ -1,0 +1,299 @@
+"""What the benchmark measures: cases, each with a baseline and the implementations
+compared against it, built for one device and preset.
+
+* spectral norm of whole discriminators (SNGAN CNN, SNGAN/GN-GAN ResNet, BigGAN-scale):
+  power iteration alone, the training-mode forward (iteration + W_sn), and forward +
+  backward; baseline ``torch.nn.utils.parametrizations.spectral_norm`` (also under
+  ``torch.compile`` where it compiles);
+* per-sample norm with the GN, GraN, GP and R1 epilogues, forward and forward +
+  backward; baseline the lipkernels reference, plus the formulas as the GN-GAN and
+  WGAN-GP code writes them;
+* training steps end to end (one discriminator and one generator step) for SNGAN,
+  WGAN-GP, GN-GAN and GraN-GAN on the SNGAN CNN architecture.
+
+``bytes`` is the traffic MATH.md's cost model says a call must move (0 where it does
+not apply); achieved bandwidth is bytes / median time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .. import backends, losses, models
+from ..nn import GradNorm, GraN, SpectralNormGroup, gradient_penalty, spectral_norm
+from ..ops import gn_normalize, gradient_penalty as gp_op, gran_normalize, r1_penalty, sample_norm
+
+Factory = Callable[[], Callable[[], object]]
+
+
+@dataclasses.dataclass
+class Case:
+    kind: str                 # "spectral norm" | "per-sample" | "train step"
+    name: str
+    shape: str
+    baseline: str
+    impls: Dict[str, Factory]
+    bytes: int = 0
+
+
+@dataclasses.dataclass
+class Preset:
+    name: str
+    sn_models: List[str]
+    per_sample_shapes: List[tuple]
+    batch: int
+    gan_channels: Optional[tuple]   # None: the real SNGAN CNN widths
+    rounds: int
+    warmup: int
+    compile_baseline: bool
+    copy_megabytes: int
+
+
+def preset(name: str, device: torch.device) -> Preset:
+    gpu = device.type == "cuda"
+    if name == "quick":
+        return Preset("quick", ["sngan_cnn", "resnet"], [(64, 3, 32, 32)], 2, (8, 16, 16, 32),
+                      rounds=3, warmup=1, compile_baseline=False, copy_megabytes=64)
+    if name == "default":
+        shapes = [(64, 3, 32, 32), (64, 128, 16, 16), (256, 3, 128, 128)]
+        return Preset("default", ["sngan_cnn", "resnet", "biggan"], shapes, 64 if gpu else 16, None,
+                      rounds=50 if gpu else 15, warmup=5 if gpu else 3, compile_baseline=True,
+                      copy_megabytes=1024 if gpu else 256)
+    if name == "full":
+        shapes = [(64, 3, 32, 32), (64, 128, 16, 16), (8, 3, 256, 256), (256, 3, 128, 128)]
+        return Preset("full", ["sngan_cnn", "resnet", "biggan"], shapes, 64, None,
+                      rounds=200 if gpu else 50, warmup=10, compile_baseline=True,
+                      copy_megabytes=2048 if gpu else 512)
+    raise ValueError(f"unknown preset {name!r}: quick, default or full")
+
+
+def compiled_backends(device: torch.device) -> List[str]:
+    """The lipkernels backends to measure on this device (the Triton interpreter is a
+    correctness tool, not a speed one)."""
+    out = []
+    for name in backends.available_backends():
+        if name == "reference" or (name == "triton" and device.type != "cuda"):
+            continue
+        if name in ("cuda", "triton") and device.type != "cuda":
+            continue
+        if name == "cpu" and device.type != "cpu":
+            continue
+        out.append(name)
+    return out
+
+
+def _with_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        with backends.use_backend(name):
+            return fn()
+    return call
+
+
+# ------------------------------------------------------------------ spectral norm
+
+_SN_MODELS = {
+    "sngan_cnn": ("SNGAN CNN D", lambda norm: models.sngan_cnn_discriminator(norm=norm)),
+    "resnet": ("ResNet CIFAR-10 D", lambda norm: models.resnet_discriminator(norm=norm)),
+    "biggan": ("BigGAN-scale D", lambda norm: models.biggan_discriminator(norm=norm)),
+}
+
+
+class _Weights(nn.Module):
+    """A discriminator's normalized weights: its forward is the spectral-norm work of one
+    discriminator forward, without the convolutions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(m for m in model.modules()
+                                    if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+    def forward(self):
+        return [m.weight for m in self.layers]
+
+
+def _sn_model(key: str, norm, device) -> _Weights:
+    torch.manual_seed(0)
+    return _Weights(_SN_MODELS[key][1](norm)).to(device)
+
+
+def spectral_norm_cases(p: Preset, device: torch.device) -> List[Case]:
+    cases = []
+    for key in p.sn_models:
+        label = _SN_MODELS[key][0]
+        if p.name == "quick" and key == "biggan":
+            continue
+        probe = _sn_model(key, None, device)
+        weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in probe.layers)
+        n_layers = len(probe.layers)
+        shape = f"{n_layers} layers, {weight_bytes / 2**20:.1f} MiB"
+        del probe
+
+        def torch_sn(mode, compiled=False, key=key):
+            def build():
+                model = _sn_model(key, torch.nn.utils.parametrizations.spectral_norm, device)
+                return _sn_call(model, mode, compiled)
+            return build
+
+        def lk_sn(backend, mode, group=False, key=key):
+            def build():
+                model = _sn_model(key, spectral_norm, device)
+                if group:
+                    SpectralNormGroup(model)
+                return _with_backend(backend, _sn_call(model, mode, False))
+            return build
+
+        def lk_power_iteration(backend, key=key):
+            def build():
+                model = _sn_model(key, spectral_norm, device)
+                from ..ops import power_iteration
+                ws = [m.parametrizations.weight.original for m in model.layers]
+                us = [m.parametrizations.weight[0]._u for m in model.layers]
+                vs = [m.parametrizations.weight[0]._v for m in model.layers]
+                return _with_backend(backend, lambda: power_iteration(ws, us, vs, 1))
+            return build
+
+        names = compiled_backends(device)
+        impls = {"reference": lk_power_iteration("reference")}
+        impls.update({b: lk_power_iteration(b) for b in names})
+        cases.append(Case("spectral norm", f"power_iteration {label}", shape, "reference", impls,
+                          bytes=weight_bytes))
+        for mode, traffic in (("fwd", 3), ("fwd+bwd", 7)):
+            impls = {"torch spectral_norm": torch_sn(mode)}
+            if p.compile_baseline:
+                impls["torch spectral_norm + torch.compile"] = torch_sn(mode, compiled=True)
+            impls["reference"] = lk_sn("reference", mode)
+            for b in names:
+                impls[b] = lk_sn(b, mode)
+                impls[f"{b} SpectralNormGroup"] = lk_sn(b, mode, group=True)
+            cases.append(Case("spectral norm", f"spectral_normalize {mode} {label}", shape,
+                              "torch spectral_norm", impls, bytes=traffic * weight_bytes))
+    return cases
+
+
+def _sn_call(model: _Weights, mode: str, compiled: bool) -> Callable[[], object]:
+    forward = torch.compile(model) if compiled else model
+    params = [p for p in model.parameters()]
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return forward()
+        return call
+    grads = [torch.randn_like(w) for w in model()]
+
+    def call():
+        for p in params:
+            p.grad = None
+        torch.autograd.backward(forward(), grads)
+    return call
+
+
+# ------------------------------------------------------------------ per-sample norm
+
+_PER_SAMPLE = {
+    "gn": lambda f, g: gn_normalize(f, g),
+    "gran": lambda f, g: gran_normalize(f, g, 1e-4),
+    "gp": lambda f, g: gp_op(g, 1.0),
+    "r1": lambda f, g: r1_penalty(g),
+}
+# As the papers' code writes them (no edge-case guards).
+_PLAIN = {
+    "gn": lambda f, g: f / (torch.flatten(g, 1).norm(2, dim=1) + f.abs()),
+    "gp": lambda f, g: ((g.view(g.shape[0], -1).norm(2, dim=1) - 1) ** 2).mean(),
+}
+
+
+def per_sample_cases(p: Preset, device: torch.device) -> List[Case]:
+    cases = []
+    names = compiled_backends(device)
+    for shape in p.per_sample_shapes:
+        nbytes = torch.Size(shape).numel() * 4
+        for op, fn in _PER_SAMPLE.items():
+            for mode, traffic in (("fwd", 1), ("fwd+bwd", 3)):
+                def build(backend, formula, mode=mode, shape=shape, op=op):
+                    def factory():
+                        torch.manual_seed(0)
+                        g = torch.randn(shape, device=device, requires_grad=mode == "fwd+bwd")
+                        f = torch.randn(shape[0], device=device, requires_grad=mode == "fwd+bwd")
+                        inputs = (f, g) if op in ("gn", "gran") else (g,)
+
+                        def call():
+                            if mode == "fwd":
+                                with torch.no_grad():
+                                    return formula(f, g)
+                            return torch.autograd.grad(formula(f, g).sum(), inputs)
+                        return _with_backend(backend, call)
+                    return factory
+
+                impls = {"reference": build("reference", fn)}
+                impls.update({b: build(b, fn) for b in names})
+                if op in _PLAIN:
+                    impls["plain PyTorch (paper code)"] = build("reference", _PLAIN[op])
+                cases.append(Case("per-sample", f"{op} {mode}", str(tuple(shape)), "reference",
+                                  impls, bytes=traffic * nbytes))
+    return cases
+
+
+# ------------------------------------------------------------------ training steps
+
+def _gan(method: str, p: Preset, device: torch.device, sn: Callable):
+    torch.manual_seed(0)
+    kw = {} if p.gan_channels is None else {"channels": p.gan_channels}
+    norm = sn if method == "sngan" else None
+    D = models.sngan_cnn_discriminator(norm=norm, **kw).to(device)
+    gkw = {} if p.gan_channels is None else {"channels": tuple(reversed(p.gan_channels))}
+    G = models.sngan_cnn_generator(**gkw).to(device)
+    if method == "gngan":
+        D = GradNorm(D)
+    elif method == "gran":
+        D = GraN(D, tau=1.0)
+    return D, G
+
+
+def train_step_cases(p: Preset, device: torch.device) -> List[Case]:
+    cases = []
+    names = compiled_backends(device)
+    batch = p.batch
+    for method, label in (("sngan", "SNGAN (hinge)"), ("wgangp", "WGAN-GP"), ("gngan", "GN-GAN"),
+                          ("gran", "GraN-GAN")):
+        def build(backend, sn=spectral_norm, group=False, method=method):
+            def factory():
+                D, G = _gan(method, p, device, sn)
+                if group:
+                    SpectralNormGroup(D)
+                opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.0, 0.9))
+                opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.0, 0.9))
+                real = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+                loss = losses.hinge if method == "sngan" else (
+                    losses.wasserstein if method == "wgangp" else losses.nonsaturating)
+
+                def call():
+                    z = torch.randn(batch, 128, device=device)
+                    fake = G(z)
+                    d_loss = loss.d(D(real), D(fake.detach()))
+                    if method == "wgangp":
+                        d_loss = d_loss + gradient_penalty(D, real, fake, 10.0)
+                    opt_d.zero_grad(set_to_none=True)
+                    d_loss.backward()
+                    opt_d.step()
+                    g_loss = loss.g(D(G(z)))
+                    opt_g.zero_grad(set_to_none=True)
+                    g_loss.backward()
+                    opt_g.step()
+                return _with_backend(backend, call)
+            return factory
+
+        impls = {"reference": build("reference")}
+        if method == "sngan":
+            impls["torch spectral_norm"] = build("reference", torch.nn.utils.parametrizations.spectral_norm)
+        for b in names:
+            impls[b] = build(b, group=method == "sngan")
+        cases.append(Case("train step", f"D+G step {label}", f"batch {batch}, SNGAN CNN", "reference",
+                          impls))
+    return cases
+
+
+def all_cases(p: Preset, device: torch.device) -> List[Case]:
+    return spectral_norm_cases(p, device) + per_sample_cases(p, device) + train_step_cases(p, device)
