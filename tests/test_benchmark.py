@@ -68,5 +68,5 @@ def test_readme_block_is_replaced(tmp_path, monkeypatch):
     readme.write_text("intro\n<!-- bench:cpu -->\nold\n<!-- /bench:cpu -->\nend\n")
     report.update_readme(str(readme))
     text = readme.read_text()
-    assert "old" not in text and "| per-sample | gn fwd | (2, 3) | cpu | 0.500 ms | 3.00x | 50% | 1 |" in text
+    assert "old" not in text and "| per-sample | gn fwd | (2, 3) | cpu | 0.500 ms | 3.00x | - | - | 50% | 1 |" in text
     assert "Test CPU" in text and text.endswith("end\n") and os.path.basename(path) in text

@@ -52,12 +52,18 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
             log(f"  {case.name}: baseline {case.baseline} did not run ({skipped.get(case.baseline)})")
             continue
         times = timing.interleaved(fns, dev, p.rounds, p.warmup)
+        # Each implementation alone too, for ops: its data stays in cache between calls
+        # (the regime of a loop over one op), where interleaving evicts it.
+        alone = ({name: statistics.median(timing.interleaved({name: fn}, dev, p.rounds, p.warmup)[name])
+                  for name, fn in fns.items()} if case.kind != "train step" else None)
         for name, fn in fns.items():
             median = statistics.median(times[name])
             rows.append({
                 "kind": case.kind, "case": case.name, "shape": case.shape, "impl": name,
                 "baseline": name == case.baseline, "median_ms": median * 1e3,
                 "speedup": timing.median_ratio(times[case.baseline], times[name]),
+                "median_alone_ms": alone[name] * 1e3 if alone else None,
+                "speedup_alone": alone[case.baseline] / alone[name] if alone else None,
                 "bytes": case.bytes,
                 "bandwidth_fraction": (case.bytes / median / copy_bw) if case.bytes else None,
                 "launches": timing.count_launches(fn, dev),

@@ -88,28 +88,39 @@ def provenance_line(meta: dict) -> str:
 
 def table(results: dict, markdown: bool = False) -> str:
     meta = results["provenance"]
-    head = ["kind", "case", "shape", "implementation", "median", "speedup", "% copy bw", "launches"]
+    head = ["kind", "case", "shape", "implementation", "median", "speedup", "alone", "speedup alone",
+            "% copy bw", "launches"]
     rows = []
     for r in results["results"]:
         if "skipped" in r:
-            rows.append([r["kind"], r["case"], r["shape"], r["impl"], "-", "-", "-",
+            rows.append([r["kind"], r["case"], r["shape"], r["impl"], "-", "-", "-", "-", "-",
                          "not run: " + r["skipped"][:60]])
             continue
         frac = f"{100 * r['bandwidth_fraction']:.0f}%" if r.get("bandwidth_fraction") else "-"
+        alone = f"{r['median_alone_ms']:.3f} ms" if r.get("median_alone_ms") else "-"
+        sp_alone = f"{r['speedup_alone']:.2f}x" if r.get("speedup_alone") else "-"
         rows.append([r["kind"], r["case"], r["shape"], r["impl"] + (" (baseline)" if r["baseline"] else ""),
-                     f"{r['median_ms']:.3f} ms", f"{r['speedup']:.2f}x", frac, str(r["launches"])])
+                     f"{r['median_ms']:.3f} ms", f"{r['speedup']:.2f}x", alone, sp_alone, frac,
+                     str(r["launches"])])
     if markdown:
         out = [provenance_line(meta), "", "| " + " | ".join(head) + " |",
-               "|" + "---|" * 3 + "---|" + "---:|" * 4]
+               "|" + "---|" * 3 + "---|" + "---:|" * 6]
         out += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(out)
     widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
     lines = [provenance_line(meta), "  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.append("speedup: median over interleaved rounds of baseline time / time; % copy bw: "
-                 "bytes the cost model says must move / median, over the measured copy bandwidth; "
-                 "launches: CUDA kernel launches per call (GPU) or top-level operator calls (CPU)")
+    lines.append(LEGEND)
     return "\n".join(lines)
+
+
+LEGEND = ("median, speedup: all implementations of a case called in alternation (each call finds "
+          "its data evicted by the others), speedup = median over rounds of baseline time / time; "
+          "alone, speedup alone: each implementation called repeatedly by itself (data warm in "
+          "cache); % copy bw: bytes the cost model says must move / median (interleaved), over the "
+          "copy bandwidth measured in the same run on buffers larger than the cache (above 100% "
+          "when the data fits in cache); launches: CUDA kernel launches per call (GPU) or "
+          "top-level operator calls (CPU)")
 
 
 def _stem(meta: dict) -> str:
@@ -195,7 +206,7 @@ def update_readme(readme: str = os.path.join(REPO, "README.md")) -> None:
         block = f"`{rel}`" + (f", plot `{rel[:-5]}.png`" if os.path.exists(path[:-5] + ".png") else "")
         if os.path.exists(path[:-5] + ".png"):
             block += f"\n\n![{kind} benchmark]({rel[:-5]}.png)"
-        body = table(results, markdown=True)
+        body = table(results, markdown=True) + "\n\n" + LEGEND
         text = re.sub(re.escape(start) + ".*?" + re.escape(end),
                       lambda _: f"{start}\n{block}\n\n{body}\n{end}", text, flags=re.S)
     with open(readme, "w") as f:
