@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 
 from . import cases as cases_mod
-from . import report, timing
+from . import timing
 
 
 def _progress(i: int, n: int, label: str) -> None:
@@ -30,6 +30,8 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
         log=print) -> dict:
     """Run a preset; returns the results (provenance and one row per case and
     implementation)."""
+    from . import report  # imported here so that `python -m lipkernels.benchmark.report` runs cleanly
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     p = cases_mod.preset(preset, dev)
     copy_bw = timing.copy_bandwidth(dev, p.copy_megabytes)
@@ -78,6 +80,8 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
 
 
 def main(args) -> int:
+    from . import report
+
     preset = "quick" if args.quick else ("full" if args.full else "default")
     results = run(preset, only=args.only)
     print(report.table(results))
