@@ -87,3 +87,51 @@ def pytest_report_header(config):
     return [f"lipkernels {lipkernels.__version__}, torch {torch.__version__}, "
             f"backends: {lipkernels.backend_status()}",
             f"threads: {torch.get_num_threads()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]
+
+
+# ------------------------------------------------------------------ shared test inputs
+
+GRAN_EPS = 1e-3
+
+#: name -> (op(f, g), reference(f, g), whether f is an input) for the per-sample family.
+PER_SAMPLE_OPS = {
+    "sample_norm": (lambda f, g: lipkernels.ops.sample_norm(g),
+                    lambda f, g: lipkernels.ops.sample_norm_reference(g), False),
+    "gn_normalize": (lipkernels.ops.gn_normalize, lipkernels.ops.gn_normalize_reference, True),
+    "gran_normalize": (lambda f, g: lipkernels.ops.gran_normalize(f, g, GRAN_EPS),
+                       lambda f, g: lipkernels.ops.gran_normalize_reference(f, g, GRAN_EPS), True),
+    "gradient_penalty": (lambda f, g: lipkernels.ops.gradient_penalty(g, 1.0),
+                         lambda f, g: lipkernels.ops.gradient_penalty_reference(g, 1.0), False),
+    "r1_penalty": (lambda f, g: lipkernels.ops.r1_penalty(g),
+                   lambda f, g: lipkernels.ops.r1_penalty_reference(g), False),
+}
+
+
+def run_per_sample(fn, f, g, uses_f):
+    """Forward, and the gradients of a fixed linear function of the output."""
+    f = f.detach().clone().requires_grad_(uses_f)
+    g = g.detach().clone().requires_grad_(True)
+    out = fn(f, g)
+    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64,
+                            device=out.device).to(out.dtype).reshape(out.shape)
+    grads = torch.autograd.grad((out * weight).sum(), (f, g) if uses_f else (g,))
+    return (out,) + grads
+
+
+def spectral_layers(shapes, dtype=torch.float64, requires_grad=False, warmup=5):
+    """Weights and unit vectors; ``warmup`` reference iterations (in float64) make u, v
+    what a layer holds after registration (torch runs 15), so that sigma = u^T W v is
+    near ||W||_2: random u, v give sigma ~ 1 against ||W|| ~ 50, a cancellation no
+    float32 tolerance of a real layer has to cover."""
+    w64 = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    us = [torch.nn.functional.normalize(torch.randn(s[0], dtype=torch.float64), dim=0) for s in shapes]
+    vs = [torch.nn.functional.normalize(torch.randn(torch.Size(s[1:]).numel(), dtype=torch.float64), dim=0)
+          for s in shapes]
+    lipkernels.ops.power_iteration_reference(w64, us, vs, warmup)
+    ws = [w.to(dtype).requires_grad_(requires_grad) for w in w64]
+    return ws, [u.to(dtype) for u in us], [v.to(dtype) for v in vs]
+
+
+def float64_copies(ts):
+    """Copies (never aliases, also for float64 input) for the reference to update."""
+    return [t.detach().to(torch.float64, copy=True) for t in ts]

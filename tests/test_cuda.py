@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import lipkernels
 from lipkernels import _extension, backends, cli, ops
 
-from conftest import assert_close
+from conftest import PER_SAMPLE_OPS, assert_close, run_per_sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,16 +70,7 @@ def _offset(shape, dtype, offset: int) -> torch.Tensor:
 
 # ================================================================== per-sample norm family
 
-GRAN_EPS = 1e-3
-SAMPLE_OPS = {
-    "sample_norm": (lambda f, g: ops.sample_norm(g), lambda f, g: ops.sample_norm_reference(g), False),
-    "gn_normalize": (ops.gn_normalize, ops.gn_normalize_reference, True),
-    "gran_normalize": (lambda f, g: ops.gran_normalize(f, g, GRAN_EPS),
-                       lambda f, g: ops.gran_normalize_reference(f, g, GRAN_EPS), True),
-    "gradient_penalty": (lambda f, g: ops.gradient_penalty(g, 1.0),
-                         lambda f, g: ops.gradient_penalty_reference(g, 1.0), False),
-    "r1_penalty": (lambda f, g: ops.r1_penalty(g), lambda f, g: ops.r1_penalty_reference(g), False),
-}
+SAMPLE_OPS = PER_SAMPLE_OPS
 
 # One sample; sizes no multiple of any block (256 threads), pack (2 to 8 elements) or
 # chunk (16 KiB); one chunk and many chunks per sample; (8, 3, 256, 256).
@@ -87,16 +78,7 @@ SAMPLE_SHAPES = [(1, 7), (3, 1), (5, 3, 7, 9), (2, 70001), (3, 4097), (1, 3, 256
                  (8, 3, 256, 256)]
 
 
-def _run(fn, f, g, uses_f):
-    """Forward, and the gradients of a fixed linear function of the output."""
-    f = f.detach().clone().requires_grad_(uses_f)
-    g = g.detach().clone().requires_grad_(True)
-    out = fn(f, g)
-    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64,
-                            device=out.device).to(out.dtype).reshape(out.shape)
-    inputs = (f, g) if uses_f else (g,)
-    grads = torch.autograd.grad((out * weight).sum(), inputs)
-    return (out,) + grads
+_run = run_per_sample
 
 
 def _check_sample_op(name, f, g, dtype):

@@ -10,21 +10,11 @@ import torch
 import lipkernels
 from lipkernels import ops
 
-from conftest import CPU_DTYPES, COMPILED_BACKENDS, assert_close
+from conftest import (CPU_DTYPES, COMPILED_BACKENDS, PER_SAMPLE_OPS, assert_close,
+                      run_per_sample)
 
-GRAN_EPS = 1e-3
 HALF = (torch.float16, torch.bfloat16)
-
-#: name -> (op(f, g), reference(f, g), uses f)
-OPS = {
-    "sample_norm": (lambda f, g: ops.sample_norm(g), lambda f, g: ops.sample_norm_reference(g), False),
-    "gn_normalize": (ops.gn_normalize, ops.gn_normalize_reference, True),
-    "gran_normalize": (lambda f, g: ops.gran_normalize(f, g, GRAN_EPS),
-                       lambda f, g: ops.gran_normalize_reference(f, g, GRAN_EPS), True),
-    "gradient_penalty": (lambda f, g: ops.gradient_penalty(g, 1.0),
-                         lambda f, g: ops.gradient_penalty_reference(g, 1.0), False),
-    "r1_penalty": (lambda f, g: ops.r1_penalty(g), lambda f, g: ops.r1_penalty_reference(g), False),
-}
+OPS = PER_SAMPLE_OPS
 
 # Odd shapes: one sample, sizes that are no multiple of any block (16 lanes, 32768-element
 # chunks), several chunks per sample, rank 2 to 5.
@@ -37,15 +27,7 @@ def _inputs(shape, dtype, f_shape=None):
     return f, g
 
 
-def _run(fn, f, g, uses_f):
-    """Forward, and the gradients of a random linear function of the output."""
-    f = f.detach().clone().requires_grad_(uses_f)
-    g = g.detach().clone().requires_grad_(True)
-    out = fn(f, g)
-    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64).to(out.dtype).reshape(out.shape)
-    inputs = (f, g) if uses_f else (g,)
-    grads = torch.autograd.grad((out * weight).sum(), inputs)
-    return (out,) + grads
+_run = run_per_sample
 
 
 @pytest.mark.parametrize("name", list(OPS))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import lipkernels
 from lipkernels import ops
 
-from conftest import CPU_DTYPES, COMPILED_BACKENDS, assert_close
+from conftest import CPU_DTYPES, COMPILED_BACKENDS, assert_close, float64_copies, spectral_layers
 
 # The SNGAN CIFAR-10 CNN discriminator (MATH.md section 9), plus odd shapes: a single
 # row, one column, sizes that are no multiple of any block, a 1 x 8192 layer, 512 x 4608.
@@ -19,27 +19,12 @@ SNGAN = [(64, 3, 3, 3), (64, 64, 4, 4), (128, 64, 3, 3), (128, 128, 4, 4), (256,
 ODD = [(1, 5), (7, 1), (3, 17), (33, 5, 3), (1, 8192), (512, 4608), (1000, 3)]
 
 
-def _layers(shapes, dtype=torch.float64, requires_grad=False, warmup=5):
-    """Weights and unit vectors; ``warmup`` reference iterations (in float64) make u, v
-    what a layer holds after registration (torch runs 15), so that sigma = u^T W v is
-    near ||W||_2: random u, v give sigma ~ 1 against ||W|| ~ 50, a cancellation no
-    float32 tolerance of a real layer has to cover."""
-    w64 = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    us = [F.normalize(torch.randn(s[0], dtype=torch.float64), dim=0) for s in shapes]
-    vs = [F.normalize(torch.randn(torch.Size(s[1:]).numel(), dtype=torch.float64), dim=0)
-          for s in shapes]
-    ops.power_iteration_reference(w64, us, vs, warmup)
-    ws = [w.to(dtype).requires_grad_(requires_grad) for w in w64]
-    return ws, [u.to(dtype) for u in us], [v.to(dtype) for v in vs]
+_layers = spectral_layers
+_float64_copies = float64_copies
 
 
 def _clone(ts):
     return [t.detach().clone() for t in ts]
-
-
-def _float64_copies(ts):
-    """Copies (never aliases, also for float64 input) for the reference to update."""
-    return [t.detach().to(torch.float64, copy=True) for t in ts]
 
 
 @pytest.mark.parametrize("n_iter", [0, 1, 3])

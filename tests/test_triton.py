@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lipkernels
 from lipkernels import ops
 
-from conftest import assert_close, backend_context
+from conftest import (PER_SAMPLE_OPS, assert_close, backend_context, float64_copies,
+                      run_per_sample, spectral_layers)
 
 pytestmark = pytest.mark.triton
 
@@ -37,27 +37,12 @@ def triton_backend():
         yield
 
 
-GRAN_EPS = 1e-3
-OPS = {
-    "sample_norm": (lambda f, g: ops.sample_norm(g), lambda f, g: ops.sample_norm_reference(g), False),
-    "gn_normalize": (ops.gn_normalize, ops.gn_normalize_reference, True),
-    "gran_normalize": (lambda f, g: ops.gran_normalize(f, g, GRAN_EPS),
-                       lambda f, g: ops.gran_normalize_reference(f, g, GRAN_EPS), True),
-    "gradient_penalty": (lambda f, g: ops.gradient_penalty(g, 1.0),
-                         lambda f, g: ops.gradient_penalty_reference(g, 1.0), False),
-    "r1_penalty": (lambda f, g: ops.r1_penalty(g), lambda f, g: ops.r1_penalty_reference(g), False),
-}
+OPS = PER_SAMPLE_OPS
 # CHUNK + 1 elements per sample: two programs per sample, the second with one element.
 SHAPES = [(1, 7), (3, 1), (5, 3, 7, 9), (2, tsn.CHUNK + 1), (3, 2, 1100)]
 
 
-def _run(fn, f, g, uses_f):
-    f = f.detach().clone().requires_grad_(uses_f)
-    g = g.detach().clone().requires_grad_(True)
-    out = fn(f, g)
-    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64).to(out.dtype).reshape(out.shape)
-    grads = torch.autograd.grad((out * weight).sum(), (f, g) if uses_f else (g,))
-    return (out,) + grads
+_run = run_per_sample
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -138,17 +123,8 @@ def test_per_sample_opcheck():
 SN_SHAPES = [(8, 3, 3, 3), (1, 40), (70, 5), (7, 1), (33, 2, 2, 2), (40, 300), (3, 1 + tspec.BLOCK_C)]
 
 
-def _layers(shapes, dtype, requires_grad=False):
-    w64 = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    us = [F.normalize(torch.randn(s[0], dtype=torch.float64), dim=0) for s in shapes]
-    vs = [F.normalize(torch.randn(torch.Size(s[1:]).numel(), dtype=torch.float64), dim=0) for s in shapes]
-    ops.power_iteration_reference(w64, us, vs, 5)  # u, v as a registered layer holds them
-    return ([w.to(dtype).requires_grad_(requires_grad) for w in w64], [u.to(dtype) for u in us],
-            [v.to(dtype) for v in vs])
-
-
-def _copies(ts):
-    return [t.detach().to(torch.float64, copy=True) for t in ts]
+_layers = spectral_layers
+_copies = float64_copies
 
 
 @pytest.mark.parametrize("n_iter", [0, 1, 3])

@@ -145,6 +145,41 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
+namespace {
+
+// The per-sample reduction: one block per chunk; when a sample has several chunks, a
+// finishing kernel adds its partials in order and applies fin.
+template <typename T, bool DOT>
+cudaError_t launch_sample_reduce(const T* a, const T* b, int64_t B, int64_t N, acc_t<T>* partials,
+                                 const SampleFinish<T>& fin, cudaStream_t stream) {
+  if (B <= 0) return cudaSuccess;
+  const int64_t nchunks = chunks_per_sample<T>(N);
+  const int64_t nblocks = B * nchunks;
+  sample_reduce_kernel<T, DOT>
+      <<<grid_for(nblocks), kThreads, 0, stream>>>(a, b, N, nchunks, nblocks, partials, fin);
+  LK_RETURN_IF_ERROR();
+  if (nchunks > 1) {
+    sample_finish_kernel<T>
+        <<<grid_for((B + kWarps - 1) / kWarps), kThreads, 0, stream>>>(partials, B, nchunks, fin);
+    LK_RETURN_IF_ERROR();
+  }
+  return cudaSuccess;
+}
+
+// dL/dg (or c g) over all chunks of all samples: one launch.
+template <typename T>
+cudaError_t launch_sample_scale(const T* g, T* out, int64_t B, int64_t N, const ScaleCoef<T>& cs,
+                                cudaStream_t stream) {
+  if (B <= 0) return cudaSuccess;
+  const int64_t nchunks = chunks_per_sample<T>(N);
+  const int64_t nblocks = B * nchunks;
+  sample_scale_kernel<T><<<grid_for(nblocks), kThreads, 0, stream>>>(g, out, N, nchunks, nblocks, cs);
+  LK_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
+}  // namespace
+
 template <typename T>
 int64_t sample_partials(int64_t B, int64_t N) {
   const int64_t c = chunks_per_sample<T>(N);
@@ -155,62 +190,30 @@ template <typename T>
 cudaError_t norm_epilogue_forward(const T* g, int64_t B, int64_t N, const T* f, int64_t f_stride,
                                   Epilogue e, acc_t<T> param, acc_t<T>* norm, T* out,
                                   acc_t<T>* out_acc, acc_t<T>* partials, cudaStream_t stream) {
-  if (B <= 0) return cudaSuccess;
   const SampleFinish<T> fin{0, e, param, f, f_stride, norm, out, out_acc};
-  const int64_t nchunks = chunks_per_sample<T>(N);
-  const int64_t nblocks = B * nchunks;
-  sample_reduce_kernel<T, false>
-      <<<grid_for(nblocks), kThreads, 0, stream>>>(g, nullptr, N, nchunks, nblocks, partials, fin);
-  LK_RETURN_IF_ERROR();
-  if (nchunks > 1) {
-    sample_finish_kernel<T>
-        <<<grid_for((B + kWarps - 1) / kWarps), kThreads, 0, stream>>>(partials, B, nchunks, fin);
-    LK_RETURN_IF_ERROR();
-  }
-  return cudaSuccess;
+  return launch_sample_reduce<T, false>(g, nullptr, B, N, partials, fin, stream);
 }
 
 template <typename T>
 cudaError_t norm_epilogue_backward(const acc_t<T>* grad_out, const T* g, int64_t B, int64_t N,
                                    const T* f, int64_t f_stride, const acc_t<T>* norm, Epilogue e,
                                    acc_t<T> param, T* grad_f, T* grad_g, cudaStream_t stream) {
-  if (B <= 0) return cudaSuccess;
   const ScaleCoef<T> cs{nullptr, grad_out, f, f_stride, norm, e, param, grad_f};
-  const int64_t nchunks = chunks_per_sample<T>(N);
-  const int64_t nblocks = B * nchunks;
-  sample_scale_kernel<T><<<grid_for(nblocks), kThreads, 0, stream>>>(g, grad_g, N, nchunks, nblocks, cs);
-  LK_RETURN_IF_ERROR();
-  return cudaSuccess;
+  return launch_sample_scale<T>(g, grad_g, B, N, cs, stream);
 }
 
 template <typename T>
 cudaError_t sample_scale(const T* g, const acc_t<T>* coef, int64_t B, int64_t N, T* out,
                          cudaStream_t stream) {
-  if (B <= 0) return cudaSuccess;
   const ScaleCoef<T> cs{coef, nullptr, nullptr, 0, nullptr, Epilogue::Norm, acc_t<T>(0), nullptr};
-  const int64_t nchunks = chunks_per_sample<T>(N);
-  const int64_t nblocks = B * nchunks;
-  sample_scale_kernel<T><<<grid_for(nblocks), kThreads, 0, stream>>>(g, out, N, nchunks, nblocks, cs);
-  LK_RETURN_IF_ERROR();
-  return cudaSuccess;
+  return launch_sample_scale<T>(g, out, B, N, cs, stream);
 }
 
 template <typename T>
 cudaError_t sample_dot(const T* a, const T* b, int64_t B, int64_t N, T* out, acc_t<T>* partials,
                        cudaStream_t stream) {
-  if (B <= 0) return cudaSuccess;
   const SampleFinish<T> fin{1, Epilogue::Norm, acc_t<T>(0), nullptr, 0, nullptr, out, nullptr};
-  const int64_t nchunks = chunks_per_sample<T>(N);
-  const int64_t nblocks = B * nchunks;
-  sample_reduce_kernel<T, true>
-      <<<grid_for(nblocks), kThreads, 0, stream>>>(a, b, N, nchunks, nblocks, partials, fin);
-  LK_RETURN_IF_ERROR();
-  if (nchunks > 1) {
-    sample_finish_kernel<T>
-        <<<grid_for((B + kWarps - 1) / kWarps), kThreads, 0, stream>>>(partials, B, nchunks, fin);
-    LK_RETURN_IF_ERROR();
-  }
-  return cudaSuccess;
+  return launch_sample_reduce<T, true>(a, b, B, N, partials, fin, stream);
 }
 
 #define LK_INSTANTIATE(T)                                                                          \

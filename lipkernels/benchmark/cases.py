@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import backends, losses, models
 from ..nn import GradNorm, GraN, SpectralNormGroup, gradient_penalty, spectral_norm
-from ..ops import gn_normalize, gradient_penalty as gp_op, gran_normalize, r1_penalty, sample_norm
+from ..ops import gn_normalize, gradient_penalty as gp_op, gran_normalize, r1_penalty
 
 Factory = Callable[[], Callable[[], object]]
 

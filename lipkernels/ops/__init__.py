@@ -3,7 +3,6 @@
 Every op has a plain-PyTorch reference (``*_reference``) beside it, written from
 MATH.md; the tests hold every backend to it.
 """
-from .. import _extension
 from . import _fake
 from .clip import clip_, clip_reference
 from .sample_norm import (gn_normalize, gn_normalize_reference, gradient_penalty,

@@ -60,6 +60,18 @@ NI = tl.constexpr(4)
 
 
 @triton.jit
+def _item(items, layers, uv, ROWS: tl.constexpr):
+    """This program's work item: (layer, its table row, W, k, the item's rows, their mask)."""
+    pid = tl.program_id(0)
+    layer = tl.load(items + pid * NI + I_LAYER)
+    rows = tl.load(items + pid * NI + I_ROW0) + tl.arange(0, ROWS)
+    rmask = rows < tl.load(items + pid * NI + I_ROW1)
+    lt = layers + layer * NL
+    w = tl.load(lt + L_W).to(tl.pointer_type(uv.dtype.element_ty))
+    return layer, lt, w, tl.load(lt + L_K), rows, rmask
+
+
+@triton.jit
 def _load_tile(w, rows, rmask, cols, cmask, k, ACC: tl.constexpr):
     return tl.load(w + rows[:, None].to(tl.int64) * k + cols[None, :],
                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
@@ -68,18 +80,10 @@ def _load_tile(w, rows, rmask, cols, cmask, k, ACC: tl.constexpr):
 @triton.jit
 def _rows_kernel(layers, items, uv, t_buf, part_buf, item_sum, ACC: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    layer = tl.load(items + pid * NI + I_LAYER)
-    r0 = tl.load(items + pid * NI + I_ROW0)
-    r1 = tl.load(items + pid * NI + I_ROW1)
-    part = tl.load(items + pid * NI + I_PART)
-    lt = layers + layer * NL
-    w = tl.load(lt + L_W).to(tl.pointer_type(uv.dtype.element_ty))
-    k = tl.load(lt + L_K)
+    layer, lt, w, k, rows, rmask = _item(items, layers, uv, ROWS)
+    part = tl.load(items + tl.program_id(0) * NI + I_PART)
     v_off = tl.load(lt + L_V)
     t_off = tl.load(lt + L_T)
-    rows = r0 + tl.arange(0, ROWS)
-    rmask = rows < r1
     # t = W v for the item's rows.
     t = tl.zeros((ROWS,), dtype=ACC)
     for kb in range(0, k, BLOCK_K):
@@ -88,7 +92,7 @@ def _rows_kernel(layers, items, uv, t_buf, part_buf, item_sum, ACC: tl.constexpr
         v = tl.load(uv + v_off + cols, mask=cmask, other=0.0).to(ACC)
         t += tl.sum(_load_tile(w, rows, rmask, cols, cmask, k, ACC) * v[None, :], axis=1)
     tl.store(t_buf + t_off + rows, t, mask=rmask)
-    tl.store(item_sum + pid, tl.sum(t * t, axis=0))
+    tl.store(item_sum + tl.program_id(0), tl.sum(t * t, axis=0))
     # W^T t over the same rows.
     for kb in range(0, k, BLOCK_K):
         cols = kb + tl.arange(0, BLOCK_K)
@@ -165,15 +169,7 @@ def _finish_kernel(layers, uv, t_buf, s_buf, item_sum, cb_sum, sigmas, eps, ACC:
 def _uwv_kernel(layers, items, uv, item_sum, ACC: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """Per item: sum over its rows of u_r (W_r . v), for sigma = u^T W v."""
-    pid = tl.program_id(0)
-    layer = tl.load(items + pid * NI + I_LAYER)
-    r0 = tl.load(items + pid * NI + I_ROW0)
-    r1 = tl.load(items + pid * NI + I_ROW1)
-    lt = layers + layer * NL
-    w = tl.load(lt + L_W).to(tl.pointer_type(uv.dtype.element_ty))
-    k = tl.load(lt + L_K)
-    rows = r0 + tl.arange(0, ROWS)
-    rmask = rows < r1
+    layer, lt, w, k, rows, rmask = _item(items, layers, uv, ROWS)
     t = tl.zeros((ROWS,), dtype=ACC)
     for kb in range(0, k, BLOCK_K):
         cols = kb + tl.arange(0, BLOCK_K)
@@ -181,7 +177,7 @@ def _uwv_kernel(layers, items, uv, item_sum, ACC: tl.constexpr, ROWS: tl.constex
         v = tl.load(uv + tl.load(lt + L_V) + cols, mask=cmask, other=0.0).to(ACC)
         t += tl.sum(_load_tile(w, rows, rmask, cols, cmask, k, ACC) * v[None, :], axis=1)
     u = tl.load(uv + tl.load(lt + L_U) + rows, mask=rmask, other=0.0).to(ACC)
-    tl.store(item_sum + pid, tl.sum(u * t, axis=0))
+    tl.store(item_sum + tl.program_id(0), tl.sum(u * t, axis=0))
 
 
 @triton.jit
@@ -196,18 +192,10 @@ def _sigma_kernel(layers, item_sum, sigmas, ACC: tl.constexpr):
 def _divide_kernel(layers, items, uv, out, sigmas, eps, ACC: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """W_sn = W / sigma_eff for the item's rows (sigma_eff = eps where |sigma| < eps)."""
-    pid = tl.program_id(0)
-    layer = tl.load(items + pid * NI + I_LAYER)
-    r0 = tl.load(items + pid * NI + I_ROW0)
-    r1 = tl.load(items + pid * NI + I_ROW1)
-    lt = layers + layer * NL
-    w = tl.load(lt + L_W).to(tl.pointer_type(uv.dtype.element_ty))
-    k = tl.load(lt + L_K)
+    layer, lt, w, k, rows, rmask = _item(items, layers, uv, ROWS)
     o_off = tl.load(lt + L_OUT)
     sigma = tl.load(sigmas + layer)
     inv = 1.0 / tl.where(tl.abs(sigma) < eps, eps, sigma)
-    rows = r0 + tl.arange(0, ROWS)
-    rmask = rows < r1
     for kb in range(0, k, BLOCK_K):
         cols = kb + tl.arange(0, BLOCK_K)
         cmask = cols < k
@@ -220,22 +208,14 @@ def _divide_kernel(layers, items, uv, out, sigmas, eps, ACC: tl.constexpr, ROWS:
 def _grad_dot_kernel(layers, items, uv, grad, item_sum, ACC: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """Per item: <G, W> over its rows."""
-    pid = tl.program_id(0)
-    layer = tl.load(items + pid * NI + I_LAYER)
-    r0 = tl.load(items + pid * NI + I_ROW0)
-    r1 = tl.load(items + pid * NI + I_ROW1)
-    lt = layers + layer * NL
-    w = tl.load(lt + L_W).to(tl.pointer_type(uv.dtype.element_ty))
-    k = tl.load(lt + L_K)
+    _, lt, w, k, rows, rmask = _item(items, layers, uv, ROWS)
     g = grad + tl.load(lt + L_OUT)
-    rows = r0 + tl.arange(0, ROWS)
-    rmask = rows < r1
     acc = tl.zeros((ROWS, BLOCK_K), dtype=ACC)
     for kb in range(0, k, BLOCK_K):
         cols = kb + tl.arange(0, BLOCK_K)
         cmask = cols < k
         acc += _load_tile(w, rows, rmask, cols, cmask, k, ACC) * _load_tile(g, rows, rmask, cols, cmask, k, ACC)
-    tl.store(item_sum + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(item_sum + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -243,12 +223,7 @@ def _grad_kernel(layers, items, uv, grad, out, sigmas, item_sum, eps, ACC: tl.co
                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW = G / sigma - (<G, W> / sigma^2) u v^T for the item's rows (G / eps where
     sigma was clamped)."""
-    pid = tl.program_id(0)
-    layer = tl.load(items + pid * NI + I_LAYER)
-    r0 = tl.load(items + pid * NI + I_ROW0)
-    r1 = tl.load(items + pid * NI + I_ROW1)
-    lt = layers + layer * NL
-    k = tl.load(lt + L_K)
+    layer, lt, _, k, rows, rmask = _item(items, layers, uv, ROWS)
     o_off = tl.load(lt + L_OUT)
     sigma = tl.load(sigmas + layer)
     clamped = tl.abs(sigma) < eps
@@ -256,8 +231,6 @@ def _grad_kernel(layers, items, uv, grad, out, sigmas, item_sum, eps, ACC: tl.co
     gw = _layer_sum(item_sum, tl.load(lt + L_ITEM0), tl.load(lt + L_ITEM1), ACC)
     corr = tl.where(clamped, 0.0, gw / (s * s))
     inv = 1.0 / s
-    rows = r0 + tl.arange(0, ROWS)
-    rmask = rows < r1
     u = tl.load(uv + tl.load(lt + L_U) + rows, mask=rmask, other=0.0).to(ACC)
     for kb in range(0, k, BLOCK_K):
         cols = kb + tl.arange(0, BLOCK_K)
