@@ -171,6 +171,40 @@ at::Tensor workspace_tensor(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
+// Power iteration of every layer, then W_sn into *outs when given. The updated vectors
+// go to *uv (u_0, v_0, u_1, v_1, ...) when given, else into us and vs in place.
+template <typename scalar_t>
+void launch_sn_forward(const std::vector<at::Tensor>& weights, at::TensorList us, at::TensorList vs,
+                       const at::Tensor* uv, const std::vector<at::Tensor>* outs,
+                       int64_t n_power_iterations, double eps, const at::Tensor& sigmas,
+                       const char* op) {
+  using T = native_t<scalar_t>;
+  using A = acc_t<T>;
+  std::vector<SnLayer<T>> layers;
+  T* p = uv ? mptr<scalar_t>(*uv) : nullptr;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    SnLayer<T> ly = make_layer<scalar_t>(weights[i]);
+    ly.u_in = cptr<scalar_t>(us[i]);
+    ly.v_in = cptr<scalar_t>(vs[i]);
+    if (p) {
+      ly.u = p;
+      ly.v = p + ly.m;
+      p += ly.m + ly.k;
+    } else {  // in place (power_iteration's Tensor(a!)[] us, Tensor(b!)[] vs)
+      ly.u = mptr_const_cast<scalar_t>(us[i]);
+      ly.v = mptr_const_cast<scalar_t>(vs[i]);
+    }
+    if (outs) ly.out = mptr<scalar_t>((*outs)[i]);
+    layers.push_back(ly);
+  }
+  const int64_t L = static_cast<int64_t>(layers.size());
+  const at::Tensor ws =
+      workspace_tensor(cuda::sn_forward_workspace<T>(layers.data(), L, n_power_iterations), weights[0]);
+  check_launch(cuda::sn_forward<T>(layers.data(), L, n_power_iterations, static_cast<A>(eps),
+                                   sigmas.mutable_data_ptr<A>(), ws.mutable_data_ptr(), current_stream()),
+               op);
+}
+
 at::Tensor power_iteration(at::TensorList weights_in, at::TensorList us, at::TensorList vs,
                            int64_t n_power_iterations, double eps) {
   constexpr const char* op = "lipkernels::power_iteration";
@@ -180,22 +214,7 @@ at::Tensor power_iteration(at::TensorList weights_in, at::TensorList us, at::Ten
   check_layer_sizes(c.weights, op);
   const c10::cuda::CUDAGuard guard(c.weights[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "power_iteration_cuda", [&] {
-    using T = native_t<scalar_t>;
-    using A = acc_t<T>;
-    std::vector<SnLayer<T>> layers;
-    for (size_t i = 0; i < c.weights.size(); ++i) {
-      SnLayer<T> ly = make_layer<scalar_t>(c.weights[i]);
-      ly.u_in = cptr<scalar_t>(us[i]);
-      ly.v_in = cptr<scalar_t>(vs[i]);
-      ly.u = mptr_const_cast<scalar_t>(us[i]);  // updated in place (the schema's Tensor(a!)[])
-      ly.v = mptr_const_cast<scalar_t>(vs[i]);
-      layers.push_back(ly);
-    }
-    const int64_t L = static_cast<int64_t>(layers.size());
-    const at::Tensor ws = workspace_tensor(cuda::sn_forward_workspace<T>(layers.data(), L, n_power_iterations), c.weights[0]);
-    check_launch(cuda::sn_forward<T>(layers.data(), L, n_power_iterations, static_cast<A>(eps),
-                               c.sigmas.mutable_data_ptr<A>(), ws.mutable_data_ptr(), current_stream()),
-                 op);
+    launch_sn_forward<scalar_t>(c.weights, us, vs, nullptr, nullptr, n_power_iterations, eps, c.sigmas, op);
   });
   return c.sigmas;
 }
@@ -210,25 +229,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> sn_forward(
   check_layer_sizes(c.weights, op);
   const c10::cuda::CUDAGuard guard(c.weights[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "sn_forward_cuda", [&] {
-    using T = native_t<scalar_t>;
-    using A = acc_t<T>;
-    std::vector<SnLayer<T>> layers;
-    T* p = mptr<scalar_t>(c.uv);
-    for (size_t i = 0; i < c.weights.size(); ++i) {
-      SnLayer<T> ly = make_layer<scalar_t>(c.weights[i]);
-      ly.u_in = cptr<scalar_t>(us[i]);
-      ly.v_in = cptr<scalar_t>(vs[i]);
-      ly.u = p;  // the updated vectors go to uv: u_0, v_0, u_1, v_1, ...
-      ly.v = p + ly.m;
-      ly.out = mptr<scalar_t>(c.outs[i]);
-      p += ly.m + ly.k;
-      layers.push_back(ly);
-    }
-    const int64_t L = static_cast<int64_t>(layers.size());
-    const at::Tensor ws = workspace_tensor(cuda::sn_forward_workspace<T>(layers.data(), L, n_power_iterations), c.weights[0]);
-    check_launch(cuda::sn_forward<T>(layers.data(), L, n_power_iterations, static_cast<A>(eps),
-                               c.sigmas.mutable_data_ptr<A>(), ws.mutable_data_ptr(), current_stream()),
-                 op);
+    launch_sn_forward<scalar_t>(c.weights, us, vs, &c.uv, &c.outs, n_power_iterations, eps, c.sigmas, op);
   });
   return {c.outs, c.sigmas, c.uv};
 }

@@ -16,6 +16,13 @@
 
 #include "kernels.h"
 
+// In a launcher returning cudaError_t: return the error of the launch just made, if any.
+#define LK_RETURN_IF_ERROR()                     \
+  do {                                           \
+    const cudaError_t err_ = cudaGetLastError(); \
+    if (err_ != cudaSuccess) return err_;        \
+  } while (0)
+
 namespace lipkernels {
 namespace cuda {
 

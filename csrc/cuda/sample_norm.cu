@@ -137,11 +137,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-#define LK_RETURN_IF_ERROR()                  \
-  do {                                        \
-    const cudaError_t err_ = cudaGetLastError(); \
-    if (err_ != cudaSuccess) return err_;     \
-  } while (0)
 
 }  // namespace
 

@@ -566,11 +566,6 @@ size_t workspace_bytes(const SnLayer<T>* layers, int64_t L, Mode mode) {
   return bytes;
 }
 
-#define LK_RETURN_IF_ERROR()                     \
-  do {                                           \
-    const cudaError_t err_ = cudaGetLastError(); \
-    if (err_ != cudaSuccess) return err_;        \
-  } while (0)
 
 }  // namespace
 
