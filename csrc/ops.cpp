@@ -70,14 +70,27 @@ const char* epilogue_name(Epilogue e) {
 }
 
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+c10::TypedOperatorHandle<Sig> find_op(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<Sig>();
 }
 
-#define LK_OP(fn, name, sig)                                 \
-  const c10::TypedOperatorHandle<sig>& fn() {                \
-    static const auto handle = find_op<sig>("lipkernels::" name); \
-    return handle;                                           \
+// The operator namespaces: the library's own, and in an emulation build
+// (LIPKERNELS_CUDA_EMULATION) a second one with the same schemas whose kernels are the
+// CUDA kernel sources compiled for the host, for CPU tensors (cuda/bindings.cpp). The
+// autograd below is written once, for both: Ns names the namespace whose kernel ops
+// an op's autograd calls.
+struct MainNs {
+  static constexpr const char* name = "lipkernels";
+};
+struct CudaEmulationNs {
+  static constexpr const char* name = "lipkernels_cuda_emu";
+};
+
+#define LK_OP(fn, op_name, sig)                                                           \
+  template <class Ns>                                                                     \
+  const c10::TypedOperatorHandle<sig>& fn() {                                             \
+    static const auto handle = find_op<sig>(std::string(Ns::name) + "::" op_name);         \
+    return handle;                                                                        \
   }
 
 using TensorPair = std::tuple<Tensor, Tensor>;
@@ -132,14 +145,15 @@ std::pair<Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, const Ten
   return {};
 }
 
-struct NormEpilogueFn : public Function<NormEpilogueFn> {
+template <class Ns>
+struct NormEpilogueFn : public Function<NormEpilogueFn<Ns>> {
   static Tensor forward(AutogradContext* ctx, const Tensor& g, const std::optional<Tensor>& f,
                         int64_t epilogue, double param) {
     const auto e = static_cast<Epilogue>(epilogue);
     Tensor out, norm;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(out, norm) = norm_epilogue_op().call(g, f, epilogue_name(e), param);
+      std::tie(out, norm) = norm_epilogue_op<Ns>().call(g, f, epilogue_name(e), param);
     }
     ctx->save_for_backward({g, f.value_or(Tensor()), norm});
     ctx->saved_data["epilogue"] = epilogue;
@@ -156,28 +170,30 @@ struct NormEpilogueFn : public Function<NormEpilogueFn> {
     Tensor grad_f, grad_g;
     if (torch::autograd::GradMode::is_enabled()) {
       // Recompute n with the differentiable op so that d/dg of this backward sees n(g).
-      const Tensor n = sample_norm_op().call(g);
+      const Tensor n = sample_norm_op<Ns>().call(g);
       Tensor coef;
       std::tie(grad_f, coef) = epilogue_backward_differentiable(e, go, f, n, param);
-      grad_g = sample_scale_op().call(g, coef);
+      grad_g = sample_scale_op<Ns>().call(g, coef);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       const std::optional<Tensor> fo = f.defined() ? std::optional<Tensor>(f) : std::nullopt;
       std::tie(grad_f, grad_g) =
-          norm_epilogue_backward_op().call(go, g, fo, norm, epilogue_name(e), param);
+          norm_epilogue_backward_op<Ns>().call(go, g, fo, norm, epilogue_name(e), param);
     }
     return {grad_g, f.defined() ? grad_f : Tensor(), Tensor(), Tensor()};
   }
 };
 
+template <class Ns>
 Tensor apply_norm_epilogue(const Tensor& g, const std::optional<Tensor>& f, Epilogue e,
                            double param) {
-  return NormEpilogueFn::apply(g, f, static_cast<int64_t>(e), param);
+  return NormEpilogueFn<Ns>::apply(g, f, static_cast<int64_t>(e), param);
 }
 
+template <class Ns>
 Tensor forward_norm_epilogue(const Tensor& g, const std::optional<Tensor>& f, Epilogue e,
                              double param) {
-  return std::get<0>(norm_epilogue_op().call(g, f, epilogue_name(e), param));
+  return std::get<0>(norm_epilogue_op<Ns>().call(g, f, epilogue_name(e), param));
 }
 
 void check_gran_eps(double eps) {
@@ -185,78 +201,93 @@ void check_gran_eps(double eps) {
 }
 
 // Autograd kernels of the public ops.
+template <class Ns>
 Tensor sample_norm_autograd(const Tensor& g) {
-  return apply_norm_epilogue(g, std::nullopt, Epilogue::Norm, 0.0);
+  return apply_norm_epilogue<Ns>(g, std::nullopt, Epilogue::Norm, 0.0);
 }
+template <class Ns>
 Tensor gn_normalize_autograd(const Tensor& f, const Tensor& g) {
-  return apply_norm_epilogue(g, f, Epilogue::GN, 0.0);
+  return apply_norm_epilogue<Ns>(g, f, Epilogue::GN, 0.0);
 }
+template <class Ns>
 Tensor gran_normalize_autograd(const Tensor& f, const Tensor& g, double eps) {
   check_gran_eps(eps);
-  return apply_norm_epilogue(g, f, Epilogue::GraN, eps);
+  return apply_norm_epilogue<Ns>(g, f, Epilogue::GraN, eps);
 }
+template <class Ns>
 Tensor gradient_penalty_autograd(const Tensor& g, double center) {
-  return apply_norm_epilogue(g, std::nullopt, Epilogue::GP, center).mean();
+  return apply_norm_epilogue<Ns>(g, std::nullopt, Epilogue::GP, center).mean();
 }
+template <class Ns>
 Tensor r1_penalty_autograd(const Tensor& g) {
-  return apply_norm_epilogue(g, std::nullopt, Epilogue::R1, 0.0).mean();
+  return apply_norm_epilogue<Ns>(g, std::nullopt, Epilogue::R1, 0.0).mean();
 }
 
 // Forward-only kernels of the same ops (inference mode, and below autograd).
+template <class Ns>
 Tensor sample_norm_forward(const Tensor& g) {
-  return forward_norm_epilogue(g, std::nullopt, Epilogue::Norm, 0.0);
+  return forward_norm_epilogue<Ns>(g, std::nullopt, Epilogue::Norm, 0.0);
 }
+template <class Ns>
 Tensor gn_normalize_forward(const Tensor& f, const Tensor& g) {
-  return forward_norm_epilogue(g, f, Epilogue::GN, 0.0);
+  return forward_norm_epilogue<Ns>(g, f, Epilogue::GN, 0.0);
 }
+template <class Ns>
 Tensor gran_normalize_forward(const Tensor& f, const Tensor& g, double eps) {
   check_gran_eps(eps);
-  return forward_norm_epilogue(g, f, Epilogue::GraN, eps);
+  return forward_norm_epilogue<Ns>(g, f, Epilogue::GraN, eps);
 }
+template <class Ns>
 Tensor gradient_penalty_forward(const Tensor& g, double center) {
-  return forward_norm_epilogue(g, std::nullopt, Epilogue::GP, center).mean();
+  return forward_norm_epilogue<Ns>(g, std::nullopt, Epilogue::GP, center).mean();
 }
+template <class Ns>
 Tensor r1_penalty_forward(const Tensor& g) {
-  return forward_norm_epilogue(g, std::nullopt, Epilogue::R1, 0.0).mean();
+  return forward_norm_epilogue<Ns>(g, std::nullopt, Epilogue::R1, 0.0).mean();
 }
 
 // out_ij = c_i g_ij. d/dg = c_i grad_ij, d/dc_i = sum_j grad_ij g_ij: both public
 // differentiable ops, so this closes under differentiation.
-struct SampleScaleFn : public Function<SampleScaleFn> {
+template <class Ns>
+struct SampleScaleFn : public Function<SampleScaleFn<Ns>> {
   static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& c) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({g, c});
-    return sample_scale_op().call(g, c);
+    return sample_scale_op<Ns>().call(g, c);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &g = saved[0], &c = saved[1];
-    return {sample_scale_op().call(grads[0], c),
-            sample_dot_op().call(grads[0], g).to(c.scalar_type())};
+    return {sample_scale_op<Ns>().call(grads[0], c),
+            sample_dot_op<Ns>().call(grads[0], g).to(c.scalar_type())};
   }
 };
 
-struct SampleDotFn : public Function<SampleDotFn> {
+template <class Ns>
+struct SampleDotFn : public Function<SampleDotFn<Ns>> {
   static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({a, b});
-    return sample_dot_op().call(a, b);
+    return sample_dot_op<Ns>().call(a, b);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return {sample_scale_op().call(saved[1], grads[0]), sample_scale_op().call(saved[0], grads[0])};
+    return {sample_scale_op<Ns>().call(saved[1], grads[0]), sample_scale_op<Ns>().call(saved[0], grads[0])};
   }
 };
 
-Tensor sample_scale_autograd(const Tensor& g, const Tensor& c) { return SampleScaleFn::apply(g, c); }
-Tensor sample_dot_autograd(const Tensor& a, const Tensor& b) { return SampleDotFn::apply(a, b); }
+template <class Ns>
+Tensor sample_scale_autograd(const Tensor& g, const Tensor& c) { return SampleScaleFn<Ns>::apply(g, c); }
+template <class Ns>
+Tensor sample_dot_autograd(const Tensor& a, const Tensor& b) { return SampleDotFn<Ns>::apply(a, b); }
 
 // ------------------------------------------------- spectral normalization
 
 // W_sn = W / sigma with sigma = u^T W v after the power iteration; u and v are
 // constants for the derivative (as in torch.nn.utils.parametrizations.spectral_norm),
 // so dL/dW = (G - <G, W_sn> u v^T) / sigma.
-struct SpectralNormalizeFn : public Function<SpectralNormalizeFn> {
+template <class Ns>
+struct SpectralNormalizeFn : public Function<SpectralNormalizeFn<Ns>> {
   static variable_list forward(AutogradContext* ctx, at::TensorList weights,
                                const std::vector<Tensor>& us, const std::vector<Tensor>& vs,
                                int64_t n_power_iterations, double eps, bool training) {
@@ -271,8 +302,8 @@ struct SpectralNormalizeFn : public Function<SpectralNormalizeFn> {
       at::AutoDispatchBelowADInplaceOrView guard;
       // uv: the updated vectors, kept for the backward (a later forward updates us, vs
       // in place before this backward runs).
-      std::tie(w_sn, sigmas, uv) = sn_forward_op().call(weights, us, vs, iters, eps);
-      if (iters > 0) sn_store_vectors_op().call(us, vs, uv);
+      std::tie(w_sn, sigmas, uv) = sn_forward_op<Ns>().call(weights, us, vs, iters, eps);
+      if (iters > 0) sn_store_vectors_op<Ns>().call(us, vs, uv);
     }
     if (iters > 0) {
       for (const auto& u : us) torch::autograd::increment_version(u);
@@ -310,26 +341,28 @@ struct SpectralNormalizeFn : public Function<SpectralNormalizeFn> {
       }
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = sn_backward_op().call(grads, weights, uv, sigmas, eps);
+      out = sn_backward_op<Ns>().call(grads, weights, uv, sigmas, eps);
     }
     for (int i = 0; i < 5; ++i) out.emplace_back();  // us, vs, n_power_iterations, eps, training
     return out;
   }
 };
 
+template <class Ns>
 std::vector<Tensor> spectral_normalize_autograd(at::TensorList weights, at::TensorList us,
                                                 at::TensorList vs, int64_t n_power_iterations,
                                                 double eps, bool training) {
-  return SpectralNormalizeFn::apply(weights, us.vec(), vs.vec(), n_power_iterations, eps,
+  return SpectralNormalizeFn<Ns>::apply(weights, us.vec(), vs.vec(), n_power_iterations, eps,
                                     training);
 }
 
+template <class Ns>
 std::vector<Tensor> spectral_normalize_forward(at::TensorList weights, at::TensorList us,
                                                at::TensorList vs, int64_t n_power_iterations,
                                                double eps, bool training) {
   const int64_t iters = training ? n_power_iterations : 0;
-  auto [w_sn, sigmas, uv] = sn_forward_op().call(weights, us, vs, iters, eps);
-  if (iters > 0) sn_store_vectors_op().call(us, vs, uv);
+  auto [w_sn, sigmas, uv] = sn_forward_op<Ns>().call(weights, us, vs, iters, eps);
+  if (iters > 0) sn_store_vectors_op<Ns>().call(us, vs, uv);
   return w_sn;
 }
 
@@ -349,6 +382,7 @@ void check_no_grad(at::TensorList ts, const char* op, const char* name) {
                 "] requires grad; this op is not differentiable (call it under torch.no_grad())");
 }
 
+template <class Ns>
 Tensor power_iteration_autograd(at::TensorList weights, at::TensorList us, at::TensorList vs,
                                 int64_t n_power_iterations, double eps) {
   check_no_grad(weights, "lipkernels::power_iteration", "weights");
@@ -357,7 +391,7 @@ Tensor power_iteration_autograd(at::TensorList weights, at::TensorList us, at::T
   Tensor sigmas;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    sigmas = power_iteration_op().call(weights, us, vs, n_power_iterations, eps);
+    sigmas = power_iteration_op<Ns>().call(weights, us, vs, n_power_iterations, eps);
   }
   if (n_power_iterations > 0) {
     bump_versions(us);
@@ -366,22 +400,24 @@ Tensor power_iteration_autograd(at::TensorList weights, at::TensorList us, at::T
   return sigmas;
 }
 
+template <class Ns>
 void sn_store_vectors_autograd(at::TensorList us, at::TensorList vs, const Tensor& uv) {
   check_no_grad(us, "lipkernels::_sn_store_vectors_", "us");
   check_no_grad(vs, "lipkernels::_sn_store_vectors_", "vs");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    sn_store_vectors_op().call(us, vs, uv);
+    sn_store_vectors_op<Ns>().call(us, vs, uv);
   }
   bump_versions(us);
   bump_versions(vs);
 }
 
+template <class Ns>
 void clip_autograd(at::TensorList tensors, double c) {
   check_no_grad(tensors, "lipkernels::clip_", "tensors");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    clip_op().call(tensors, c);
+    clip_op<Ns>().call(tensors, c);
   }
   bump_versions(tensors);
 }
@@ -400,13 +436,17 @@ std::string build_info() {
 #else
   s += ", \"cuda\": false, \"cuda_archs\": \"\", \"cuda_reason\": \"" LK_STR(LIPKERNELS_NO_CUDA_REASON) "\"";
 #endif
+#ifdef LIPKERNELS_CUDA_EMULATION
+  s += ", \"cuda_emulation\": true";
+#else
+  s += ", \"cuda_emulation\": false";
+#endif
   s += "}";
   return s;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(lipkernels, m) {
+// The schemas of the ops, defined in each operator namespace.
+void define_ops(torch::Library& m) {
   // Per-sample gradient norm family. g: (B, ...), f: (B,).
   m.def("sample_norm(Tensor g) -> Tensor");
   m.def("gn_normalize(Tensor f, Tensor g) -> Tensor");
@@ -435,35 +475,55 @@ TORCH_LIBRARY(lipkernels, m) {
   m.def("_sn_backward(Tensor[] grads, Tensor[] weights, Tensor uv, Tensor sigmas, float eps) -> Tensor[]");
   // WGAN weight clipping of many tensors in one call.
   m.def("clip_(Tensor(a!)[] tensors, float c) -> ()");
+}
+
+template <class Ns>
+void register_autograd(torch::Library& m) {
+  m.impl("sample_norm", &sample_norm_autograd<Ns>);
+  m.impl("gn_normalize", &gn_normalize_autograd<Ns>);
+  m.impl("gran_normalize", &gran_normalize_autograd<Ns>);
+  m.impl("gradient_penalty", &gradient_penalty_autograd<Ns>);
+  m.impl("r1_penalty", &r1_penalty_autograd<Ns>);
+  m.impl("sample_scale", &sample_scale_autograd<Ns>);
+  m.impl("sample_dot", &sample_dot_autograd<Ns>);
+  m.impl("spectral_normalize", &spectral_normalize_autograd<Ns>);
+  m.impl("power_iteration", &power_iteration_autograd<Ns>);
+  m.impl("_sn_store_vectors_", &sn_store_vectors_autograd<Ns>);
+  m.impl("clip_", &clip_autograd<Ns>);
+  for (const char* name : {"_norm_epilogue", "_norm_epilogue_backward", "_sn_forward", "_sn_backward"})
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+}
+
+template <class Ns>
+void register_forward(torch::Library& m) {
+  m.impl("sample_norm", &sample_norm_forward<Ns>);
+  m.impl("gn_normalize", &gn_normalize_forward<Ns>);
+  m.impl("gran_normalize", &gran_normalize_forward<Ns>);
+  m.impl("gradient_penalty", &gradient_penalty_forward<Ns>);
+  m.impl("r1_penalty", &r1_penalty_forward<Ns>);
+  m.impl("spectral_normalize", &spectral_normalize_forward<Ns>);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lipkernels, m) {
+  define_ops(m);
   m.def("_build_info() -> str", &build_info);
   // The CPU kernels' cache of freed output blocks (cpu/output_cache.h).
   m.def("_cpu_output_cache_bytes() -> int", &cpu::output_cache_bytes);
   m.def("_cpu_output_cache_clear() -> ()", &cpu::output_cache_clear);
 }
 
-TORCH_LIBRARY_IMPL(lipkernels, Autograd, m) {
-  m.impl("sample_norm", &sample_norm_autograd);
-  m.impl("gn_normalize", &gn_normalize_autograd);
-  m.impl("gran_normalize", &gran_normalize_autograd);
-  m.impl("gradient_penalty", &gradient_penalty_autograd);
-  m.impl("r1_penalty", &r1_penalty_autograd);
-  m.impl("sample_scale", &sample_scale_autograd);
-  m.impl("sample_dot", &sample_dot_autograd);
-  m.impl("spectral_normalize", &spectral_normalize_autograd);
-  m.impl("power_iteration", &power_iteration_autograd);
-  m.impl("_sn_store_vectors_", &sn_store_vectors_autograd);
-  m.impl("clip_", &clip_autograd);
-  for (const char* name : {"_norm_epilogue", "_norm_epilogue_backward", "_sn_forward", "_sn_backward"})
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
-}
+TORCH_LIBRARY_IMPL(lipkernels, Autograd, m) { register_autograd<MainNs>(m); }
+TORCH_LIBRARY_IMPL(lipkernels, CompositeExplicitAutograd, m) { register_forward<MainNs>(m); }
 
-TORCH_LIBRARY_IMPL(lipkernels, CompositeExplicitAutograd, m) {
-  m.impl("sample_norm", &sample_norm_forward);
-  m.impl("gn_normalize", &gn_normalize_forward);
-  m.impl("gran_normalize", &gran_normalize_forward);
-  m.impl("gradient_penalty", &gradient_penalty_forward);
-  m.impl("r1_penalty", &r1_penalty_forward);
-  m.impl("spectral_normalize", &spectral_normalize_forward);
+#ifdef LIPKERNELS_CUDA_EMULATION
+// The emulated CUDA kernels' namespace (their CPU-tensor kernels: cuda/bindings.cpp).
+TORCH_LIBRARY(lipkernels_cuda_emu, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(lipkernels_cuda_emu, Autograd, m) { register_autograd<CudaEmulationNs>(m); }
+TORCH_LIBRARY_IMPL(lipkernels_cuda_emu, CompositeExplicitAutograd, m) {
+  register_forward<CudaEmulationNs>(m);
 }
+#endif
 
 }  // namespace lipkernels

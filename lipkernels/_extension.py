@@ -64,11 +64,24 @@ def path() -> str | None:
     return _path
 
 
+_build_info: dict | None = None
+
+
 def build_info() -> dict:
-    """What the library was compiled with: version, OpenMP, CUDA and its architectures."""
+    """What the library was compiled with: version, OpenMP, CUDA and its architectures,
+    whether its CUDA kernels are an emulation build for the host."""
+    global _build_info
     if not _loaded:
         return {}
-    return json.loads(torch.ops.lipkernels._build_info())
+    if _build_info is None:
+        _build_info = json.loads(torch.ops.lipkernels._build_info())
+    return dict(_build_info)
+
+
+def cuda_emulated() -> bool:
+    """True for an emulation build (LIPKERNELS_CUDA_EMULATION=1): the CUDA kernel sources
+    compiled for the host, run on CPU tensors as the ``cuda`` backend."""
+    return bool(build_info().get("cuda_emulation", False))
 
 
 #: Why a build has no CUDA kernels: the codes setup.py / CMakeLists.txt compile in.

@@ -1,20 +1,28 @@
-"""Which backends exist here, which one runs an op, and the fallback rules.
+"""Which backends exist here, which one runs an op, and the fallback rules: one table.
+
+Every backend is one :class:`Backend` entry of :data:`TABLE`: its name, a probe that
+says whether it works in this process (and why not), the device types it runs on here,
+and the object holding its implementations of the ops (the same names and signatures
+for every backend, see :data:`OPS`). An op asks :func:`implementation` for the
+implementations that run on its tensors' device; adding a backend is one entry here.
 
 Backends:
 
 ``reference``
-    Plain differentiable PyTorch written from MATH.md. Always available, any device.
+    Plain differentiable PyTorch written from ``docs/math.md``. Always available, any device.
 ``cpu``
     The C++ kernels of the compiled extension, for CPU tensors.
 ``cuda``
-    Hand-written CUDA kernels of the compiled extension, for CUDA tensors.
+    The hand-written CUDA kernels of the compiled extension, for CUDA tensors; in an
+    emulation build (``LIPKERNELS_CUDA_EMULATION=1``) the same kernel sources compiled
+    for the host, for CPU tensors (a correctness tool, never picked by ``auto``).
 ``triton``
     Triton kernels, for CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
 
 ``auto`` (the default) picks, for the device of an op's tensors, the first available
-backend of :data:`AUTO_ORDER` and falls back to ``reference``. A backend named
-explicitly (:func:`set_backend`, :func:`use_backend`) must be available, and must
-run on the device of the tensors it is given, else a ``RuntimeError`` says why.
+backend of :data:`AUTO_ORDER` that runs on that device and falls back to ``reference``.
+A backend named explicitly (:func:`set_backend`, :func:`use_backend`) must be available,
+and must run on the device of the tensors it is given, else a ``RuntimeError`` says why.
 
 The choice is process-wide, like ``torch.backends`` flags (a plain module global,
 which ``torch.compile`` reads and guards on, so a compiled function recompiles when
@@ -23,75 +31,158 @@ the backend changes).
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Tuple
+import types
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from . import _extension
 
-BACKENDS: Tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
+#: The ops every backend's implementation object provides (``clip_`` may be missing:
+#: the op then uses the reference's multi-tensor ``torch._foreach`` call).
+OPS: Tuple[str, ...] = ("sample_norm", "gn_normalize", "gran_normalize", "gradient_penalty",
+                        "r1_penalty", "power_iteration", "spectral_normalize", "clip_")
 
-#: Preference of ``auto`` per device type; ``reference`` closes every list.
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table."""
+    name: str
+    #: () -> (available, reason if not); called once per process.
+    probe: Callable[[], Tuple[bool, str]]
+    #: () -> device types it runs on here ("*": any).
+    devices: Callable[[], Tuple[str, ...]]
+    #: device type -> the object holding its ops (None: the reference formulas).
+    implementations: Callable[[str], Optional[object]]
+    #: How ``lipkernels info`` describes it when available.
+    describe: Callable[[], str] = lambda: "available"
+
+
+# ----------------------------------------------------------------- the rows
+
+def _compiled() -> Tuple[bool, str]:
+    if not _extension.loaded():
+        return False, _extension.error() or "the compiled extension is not loaded"
+    return True, ""
+
+
+def _cuda_probe() -> Tuple[bool, str]:
+    ok, why = _compiled()
+    if not ok:
+        return ok, why
+    if _extension.cuda_emulated():
+        return True, ""
+    why = _extension.cuda_reason()
+    if why is not None:
+        return False, f"the compiled extension has no CUDA kernels: {why}"
+    if not torch.cuda.is_available():
+        return False, ("the extension has CUDA kernels, but torch.cuda.is_available() is False "
+                       "(no GPU visible, or the driver is missing)")
+    mismatch = _extension.cuda_arch_mismatch(torch.cuda.get_device_capability())
+    if mismatch is not None:
+        return False, mismatch
+    return True, ""
+
+
+def _cuda_devices() -> Tuple[str, ...]:
+    return ("cpu",) if _extension.cuda_emulated() else ("cuda",)
+
+
+def _cuda_implementations(device_type: str):
+    # The emulation build registers the CUDA kernels' ops under a namespace of their own
+    # for CPU tensors (the CPU kernels keep torch.ops.lipkernels on CPU tensors).
+    return torch.ops.lipkernels_cuda_emu if _extension.cuda_emulated() else torch.ops.lipkernels
+
+
+def _triton_probe() -> Tuple[bool, str]:
+    from . import triton as triton_backend
+    return triton_backend.status()
+
+
+def _triton_devices() -> Tuple[str, ...]:
+    from . import triton as triton_backend
+    return triton_backend.devices()
+
+
+def _triton_implementations(device_type: str):
+    from . import triton as triton_backend
+    return triton_backend.implementations()
+
+
+TABLE: Tuple[Backend, ...] = (
+    Backend("reference", lambda: (True, ""), lambda: ("*",), lambda device_type: None),
+    Backend("cpu", _compiled, lambda: ("cpu",), lambda device_type: torch.ops.lipkernels),
+    Backend("cuda", _cuda_probe, _cuda_devices, _cuda_implementations,
+            lambda: ("available (emulated on the CPU: the CUDA kernel sources built for the host, "
+                     "for CPU tensors)") if _extension.cuda_emulated() else "available"),
+    Backend("triton", _triton_probe, _triton_devices, _triton_implementations,
+            lambda: ("available (interpreted on the CPU: TRITON_INTERPRET=1)"
+                     if "cpu" in _triton_devices() else "available")),
+)
+
+BACKENDS: Tuple[str, ...] = tuple(b.name for b in TABLE)
+_BY_NAME: Dict[str, Backend] = {b.name: b for b in TABLE}
+
+#: Preference of ``auto`` per device type; ``reference`` closes every list. A backend
+#: listed here is used only where it runs on that device type (the emulated CUDA and
+#: interpreted Triton backends, which run on CPU tensors, are correctness tools and are
+#: never in the ``cpu`` list).
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
 }
 
-#: Device types each backend runs on.
-DEVICES: Dict[str, Tuple[str, ...]] = {
-    "reference": ("*",),
-    "cpu": ("cpu",),
-    "cuda": ("cuda",),
-    "triton": ("cuda",),  # and "cpu" under TRITON_INTERPRET=1 (lipkernels.triton.devices)
-}
-
 _current: str = "auto"
 _status_cache: Dict[str, Tuple[bool, str]] = {}
+_devices_cache: Dict[str, Tuple[str, ...]] = {}
+#: (selected name, device type) -> (backend name, implementations or None).
+_choice_cache: Dict[Tuple[str, str], Tuple[str, Optional[object]]] = {}
 
 
-def _probe(name: str) -> Tuple[bool, str]:
-    if name == "reference":
-        return True, ""
-    if name == "cpu":
-        if not _extension.loaded():
-            return False, _extension.error() or "the compiled extension is not loaded"
-        return True, ""
-    if name == "cuda":
-        if not _extension.loaded():
-            return False, _extension.error() or "the compiled extension is not loaded"
-        why = _extension.cuda_reason()
-        if why is not None:
-            return False, f"the compiled extension has no CUDA kernels: {why}"
-        if not torch.cuda.is_available():
-            return False, ("the extension has CUDA kernels, but torch.cuda.is_available() is False "
-                           "(no GPU visible, or the driver is missing)")
-        mismatch = _extension.cuda_arch_mismatch(torch.cuda.get_device_capability())
-        if mismatch is not None:
-            return False, mismatch
-        return True, ""
-    if name == "triton":
-        from . import triton as triton_backend
-        return triton_backend.status()
-    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+def backend(name: str) -> Backend:
+    """The table row of backend ``name``."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}") from None
 
 
 def backend_status() -> Dict[str, Tuple[bool, str]]:
     """``{name: (available, reason_if_not)}`` for every backend."""
-    for name in BACKENDS:
-        if name not in _status_cache:
-            _status_cache[name] = _probe(name)
+    for row in TABLE:
+        if row.name not in _status_cache:
+            _status_cache[row.name] = row.probe()
     return dict(_status_cache)
 
 
+def devices(name: str) -> Tuple[str, ...]:
+    """Device types backend ``name`` runs on in this process (``"*"``: any)."""
+    if name not in _devices_cache:
+        _devices_cache[name] = backend(name).devices()
+    return _devices_cache[name]
+
+
+def describe(name: str) -> str:
+    """``available`` (with how it runs, e.g. emulated), or ``unavailable: why``."""
+    ok, why = backend_status()[backend(name).name]
+    return backend(name).describe() if ok else "unavailable: " + why
+
+
 def is_available(name: str) -> bool:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    backend(name)
     return backend_status()[name][0]
 
 
 def available_backends() -> List[str]:
     """Backends that work in this process, e.g. ``['reference', 'cpu']``."""
     return [name for name, (ok, _) in backend_status().items() if ok]
+
+
+def runs_on(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` (available or not) runs on tensors of ``device_type``."""
+    found = devices(name)
+    return "*" in found or device_type in found
 
 
 def _check_name(name: str) -> str:
@@ -127,30 +218,45 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
-_auto_choice: Dict[str, str] = {}
-
-
 def _auto(device_type: str) -> str:
     for candidate in AUTO_ORDER.get(device_type, ("reference",)):
-        if backend_status()[candidate][0]:
+        if backend_status()[candidate][0] and runs_on(candidate, device_type):
             return candidate
     return "reference"
 
 
-def select(device: torch.device) -> str:
-    """The backend that runs an op on tensors of ``device``, following the rules above."""
-    name = _current
-    device_type = device.type
+def _choose(name: str, device_type: str) -> Tuple[str, Optional[object]]:
     if name == "auto":
-        choice = _auto_choice.get(device_type)
-        if choice is None:
-            choice = _auto_choice[device_type] = _auto(device_type)
-        return choice
-    devices = DEVICES[name]
-    if name == "triton":
-        from . import triton as triton_backend
-        devices = triton_backend.devices()
-    if "*" not in devices and device_type not in devices:
-        raise RuntimeError(f"lipkernels backend {name!r} runs on {'/'.join(devices)} tensors, "
-                           f"but the tensors are on {device}")
-    return name
+        name = _auto(device_type)
+    elif not runs_on(name, device_type):
+        raise RuntimeError(f"lipkernels backend {name!r} runs on {'/'.join(devices(name))} tensors "
+                           f"here, but the tensors are on {device_type}")
+    return name, backend(name).implementations(device_type)
+
+
+def _lookup(device: torch.device) -> Tuple[str, Optional[object]]:
+    key = (_current, device.type)
+    found = _choice_cache.get(key)
+    if found is None:
+        found = _choose(*key)
+        _choice_cache[key] = found
+    return found
+
+
+def select(device: torch.device) -> str:
+    """The name of the backend that runs an op on tensors of ``device``, by the rules above."""
+    return _lookup(device)[0]
+
+
+def implementation(device: torch.device) -> Optional[object]:
+    """The ops of the backend that runs an op on tensors of ``device`` (an object with the
+    functions of :data:`OPS`), or None when that backend is the reference."""
+    return _lookup(device)[1]
+
+
+def namespace(**ops: Callable) -> types.SimpleNamespace:
+    """An implementations object from functions (for backends written in Python)."""
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise ValueError(f"not ops of the backend table: {sorted(unknown)}")
+    return types.SimpleNamespace(**ops)

@@ -55,8 +55,8 @@ def cmd_info(args) -> int:
     print("backends (auto order: cpu tensors -> "
           + ", ".join(backends.AUTO_ORDER["cpu"]) + "; cuda tensors -> "
           + ", ".join(backends.AUTO_ORDER["cuda"]) + ")")
-    for name, (ok, why) in backends.backend_status().items():
-        print(f"  {name:<10} {'available' if ok else 'unavailable: ' + why}")
+    for name in backends.BACKENDS:
+        print(f"  {name:<10} {backends.describe(name)}")
     return 0
 
 

@@ -15,10 +15,20 @@ def _per_sample(g: torch.Tensor) -> torch.Tensor:
     return g.new_empty((g.shape[0],))
 
 
-def register() -> None:
+def namespaces():
+    """The compiled operator namespaces: ``lipkernels``, and in an emulation build
+    ``lipkernels_cuda_emu`` (the same schemas; the CUDA kernels run on CPU tensors)."""
     if not _extension.loaded():
-        return
-    lib = "lipkernels::"
+        return []
+    return ["lipkernels"] + (["lipkernels_cuda_emu"] if _extension.cuda_emulated() else [])
+
+
+def register() -> None:
+    for ns in namespaces():
+        _register(ns + "::")
+
+
+def _register(lib: str) -> None:
     fake = torch.library.register_fake
 
     @fake(lib + "_norm_epilogue")

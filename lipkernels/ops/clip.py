@@ -2,7 +2,7 @@
 multi-tensor call."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List
 
 import torch
 
@@ -22,21 +22,24 @@ def clip_reference(tensors: List[torch.Tensor], c: float) -> None:
 def clip_(tensors: Iterable[torch.Tensor], c: float) -> None:
     """Clamp every tensor to ``[-c, c]`` in place.
 
-    Contiguous tensors go to the compiled kernel (one call per device type); others, and
-    every tensor under the reference or triton backend, through one ``torch._foreach``
-    call.
+    Contiguous tensors go to the selected backend's multi-tensor kernel (one call per
+    device); others, and every tensor of a backend without one (reference, triton),
+    through one ``torch._foreach`` call.
     """
     c = _validate.positive("clip_", "c", c)
     tensors = list(tensors)
     for i, t in enumerate(tensors):
         _validate.tensor("clip_", f"tensors[{i}]", t)
     fast: Dict[torch.device, List[torch.Tensor]] = {}
+    kernels: Dict[torch.device, Callable] = {}
     rest: List[torch.Tensor] = []
     for t in tensors:
-        if t.is_contiguous() and backends.select(t.device) in ("cpu", "cuda"):
+        kernel = getattr(backends.implementation(t.device), "clip_", None)
+        if kernel is not None and t.is_contiguous():
             fast.setdefault(t.device, []).append(t)
+            kernels[t.device] = kernel
         else:
             rest.append(t)
-    for group in fast.values():
-        torch.ops.lipkernels.clip_(group, c)
+    for device, group in fast.items():
+        kernels[device](group, c)
     clip_reference(rest, c)

@@ -92,13 +92,7 @@ def r1_penalty_reference(g: torch.Tensor) -> torch.Tensor:
 
 def _implementation(g: torch.Tensor):
     """The selected backend's ops (same names and signatures), or None for the reference."""
-    backend = backends.select(g.device)
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        from ..triton import sample_norm as triton_ops
-        return triton_ops
-    return torch.ops.lipkernels
+    return backends.implementation(g.device)
 
 
 def sample_norm(g: torch.Tensor) -> torch.Tensor:

@@ -94,15 +94,11 @@ def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
     if not weights:
         return torch.empty(0)
     detached = [w.detach() for w in weights]
-    backend = backends.select(weights[0].device)
+    impl = backends.implementation(weights[0].device)
     with torch.no_grad():
-        if backend == "reference":
+        if impl is None:
             return power_iteration_reference(detached, us, vs, n_power_iterations, eps)
-        if backend == "triton":
-            from ..triton import spectral_norm as triton_ops
-            return triton_ops.power_iteration(detached, us, vs, n_power_iterations, eps)
-        return torch.ops.lipkernels.power_iteration(detached, list(us), list(vs),
-                                                    n_power_iterations, eps)
+        return impl.power_iteration(detached, list(us), list(vs), n_power_iterations, eps)
 
 
 def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
@@ -126,11 +122,8 @@ def spectral_normalize_unchecked(weights, us, vs, n_power_iterations: int, eps: 
     arguments are right by construction (the layers); the kernels still check."""
     if not weights:
         return []
-    backend = backends.select(weights[0].device)
-    if backend == "reference":
+    impl = backends.implementation(weights[0].device)
+    if impl is None:
         return spectral_normalize_reference(weights, us, vs, n_power_iterations, eps, training)
-    if backend == "triton":
-        from ..triton import spectral_norm as triton_ops
-        return triton_ops.spectral_normalize(weights, us, vs, n_power_iterations, eps, training)
-    return torch.ops.lipkernels.spectral_normalize(list(weights), list(us), list(vs),
-                                                   n_power_iterations, eps, bool(training))
+    return impl.spectral_normalize(list(weights), list(us), list(vs), n_power_iterations, eps,
+                                   bool(training))

@@ -33,3 +33,15 @@ def status() -> Tuple[bool, str]:
 def devices() -> Tuple[str, ...]:
     """Device types the Triton kernels run on here."""
     return ("cuda", "cpu") if interpreting() else ("cuda",)
+
+
+def implementations():
+    """The Triton backend's ops for the backend table (lipkernels.backends); weight
+    clipping has no Triton kernel (the op's multi-tensor torch._foreach call runs)."""
+    from .. import backends
+    from . import sample_norm, spectral_norm
+    return backends.namespace(
+        sample_norm=sample_norm.sample_norm, gn_normalize=sample_norm.gn_normalize,
+        gran_normalize=sample_norm.gran_normalize, gradient_penalty=sample_norm.gradient_penalty,
+        r1_penalty=sample_norm.r1_penalty, power_iteration=spectral_norm.power_iteration,
+        spectral_normalize=spectral_norm.spectral_normalize)
