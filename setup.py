@@ -6,6 +6,10 @@ None) and nvcc is found (CUDA_HOME, or nvcc on PATH), unless LIPKERNELS_NO_CUDA=
 for the architectures of TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Why a build has no
 CUDA kernels is compiled into the library (``lipkernels info`` prints it).
 
+LIPKERNELS_CUDA_EMULATION=1 builds, instead of real CUDA kernels, the same csrc/cuda/*.cu
+sources as host C++ against csrc/cuda/emulation/ (the ``cuda`` backend then runs them on
+CPU tensors: a correctness tool), with the memory-access hooks that count their traffic.
+
 Build with the torch that is already installed: ``pip install --no-build-isolation
 -e .`` (the Makefile does this).
 """
@@ -78,10 +82,45 @@ def arch_tag(archs):
     return ".".join(tags)
 
 
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# The emulated kernels' translation units: compiled on their own, with the -fsanitize=thread
+# instrumentation whose per-access hooks csrc/cuda/emulation/counters.cpp defines (the
+# traffic counters), and linked into the extension as objects.
+EMULATED_KERNELS = sorted(glob.glob("csrc/cuda/emulation/kernels_*.cpp"))
+EMULATION_DEFINES = ["-DLIPKERNELS_CUDA_EMULATION", "-DLK_EMU_COUNT_TRAFFIC"]
+
+
+class Build(BuildExtension):
+    def build_extensions(self):
+        for ext in self.extensions:
+            if getattr(ext, "lk_emulated_kernels", None):
+                objects = self.compiler.compile(
+                    ext.lk_emulated_kernels, output_dir=self.build_temp, include_dirs=["csrc"],
+                    extra_postargs=["-std=c++17", "-O2", "-fPIC", "-Wno-unknown-pragmas", "-fsanitize=thread",
+                                    "--param=tsan-instrument-func-entry-exit=0"] + EMULATION_DEFINES)
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extensions()
+
+
 def extension():
-    use_cuda, reason, archs = cuda_config()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", f"-DLIPKERNELS_VERSION={read_version()}"] + cpu_arch_flags()
+    if env_flag("LIPKERNELS_CUDA_EMULATION"):
+        print("lipkernels: building the CUDA kernels for the host (LIPKERNELS_CUDA_EMULATION=1)")
+        ext = CppExtension(
+            "lipkernels._C",
+            sources + ["csrc/cuda/bindings.cpp", "csrc/cuda/emulation/executor.cpp",
+                       "csrc/cuda/emulation/counters.cpp", "csrc/cuda/emulation/torch_ops.cpp"],
+            extra_compile_args={"cxx": cxx + EMULATION_DEFINES + ["-Wno-unknown-pragmas",
+                                                                   "-DLIPKERNELS_NO_CUDA_REASON=emulation_build"]},
+            extra_link_args=["-fopenmp"],
+        )
+        ext.lk_emulated_kernels = EMULATED_KERNELS
+        return ext
+    use_cuda, reason, archs = cuda_config()
     if not use_cuda:
         print(f"lipkernels: building without CUDA kernels ({reason})")
         return CppExtension(
@@ -104,5 +143,5 @@ def extension():
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

@@ -91,6 +91,8 @@ _NO_CUDA_REASONS = {
     "nvcc_not_found": ("nvcc was not found when it was built (set CUDA_HOME or put nvcc on PATH, "
                        "then rebuild)"),
     "cmake_option_off": "it was configured with the CMake option LIPKERNELS_CUDA=OFF",
+    "emulation_build": ("it is an emulation build (LIPKERNELS_CUDA_EMULATION): its CUDA kernels "
+                        "are compiled for the host and run on CPU tensors"),
 }
 
 

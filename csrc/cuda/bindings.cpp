@@ -1,13 +1,13 @@
-// CUDA bindings of the kernel ops (compiled only in builds with CUDA): the checks,
-// layouts and outputs of bindings_common.h (the same as the CPU bindings'), then the
-// ATen-free launchers of kernels.h on the current stream of the tensors' device.
-// Nothing here synchronises with the device or reads device values.
+// CUDA bindings of the kernel ops (compiled only in builds with CUDA kernels, real or
+// emulated): the checks, layouts and outputs of bindings_common.h (the same as the CPU
+// bindings'), then the ATen-free launchers of kernels.h on the current stream of the
+// tensors' device. Nothing here synchronises with the device or reads device values.
+// What differs between the real build and the emulation build (the tensors' device,
+// guard, stream, device pointers, registration) is in binding_device.h.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../bindings_common.h"
+#include "binding_device.h"
 #include "kernels.h"
 
 namespace lipkernels {
@@ -42,17 +43,14 @@ struct Native<at::BFloat16> {
 template <typename S>
 using native_t = typename Native<S>::type;
 
+// Device pointers of the kernels' element type (DeviceMemory: binding_device.h).
 template <typename S>
-const native_t<S>* cptr(const at::Tensor& t) {
-  return reinterpret_cast<const native_t<S>*>(t.const_data_ptr<S>());
+const native_t<S>* cptr(DeviceMemory& dev, const at::Tensor& t) {
+  return dev.in<native_t<S>>(t);
 }
 template <typename S>
-native_t<S>* mptr(const at::Tensor& t) {
-  return reinterpret_cast<native_t<S>*>(t.mutable_data_ptr<S>());
-}
-template <typename S>
-native_t<S>* mptr_const_cast(const at::Tensor& t) {  // tensors updated in place, passed as const&
-  return reinterpret_cast<native_t<S>*>(const_cast<S*>(t.const_data_ptr<S>()));
+native_t<S>* mptr(DeviceMemory& dev, const at::Tensor& t) {  // written, or updated in place
+  return dev.out<native_t<S>>(t);
 }
 
 at::Tensor empty_like_cuda(const at::Tensor& t) {
@@ -60,15 +58,13 @@ at::Tensor empty_like_cuda(const at::Tensor& t) {
 }
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be ", kTensorKind, ", got one on ", t.device());
 }
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), ": ",
               cudaGetErrorString(err));
 }
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // ---------------------------------------------------------------- per-sample norm family
 
@@ -78,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
   constexpr const char* op = "lipkernels::_norm_epilogue";
   check_cuda(g_in, op, "g");
   auto c = prepare_norm_epilogue(g_in, f, epilogue, op);
-  const c10::cuda::CUDAGuard guard(c.g.device());
+  DeviceMemory dev;
+  const DeviceGuard guard(c.g.device());
   const bool use_f = c.f.defined();
   const bool out_acc = c.out.scalar_type() != c.g.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "norm_epilogue_cuda", [&] {
@@ -87,10 +84,10 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
     const int64_t np = cuda::sample_partials<T>(c.B, c.N);
     const at::Tensor partials = at::empty({np}, c.norm.options());
     check_launch(cuda::norm_epilogue_forward<T>(
-                     cptr<scalar_t>(c.g), c.B, c.N, use_f ? cptr<scalar_t>(c.f) : nullptr,
-                     use_f ? c.f.stride(0) : 0, c.e, static_cast<A>(param), c.norm.mutable_data_ptr<A>(),
-                     out_acc ? nullptr : mptr<scalar_t>(c.out), out_acc ? c.out.mutable_data_ptr<A>() : nullptr,
-                     np > 0 ? partials.mutable_data_ptr<A>() : nullptr, current_stream()),
+                     cptr<scalar_t>(dev, c.g), c.B, c.N, use_f ? cptr<scalar_t>(dev, c.f) : nullptr,
+                     use_f ? c.f.stride(0) : 0, c.e, static_cast<A>(param), dev.out<A>(c.norm),
+                     out_acc ? nullptr : mptr<scalar_t>(dev, c.out), out_acc ? dev.out<A>(c.out) : nullptr,
+                     np > 0 ? dev.out<A>(partials) : nullptr, current_stream()),
                  op);
   });
   return {c.out, c.norm};
@@ -102,16 +99,17 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
   constexpr const char* op = "lipkernels::_norm_epilogue_backward";
   check_cuda(g_in, op, "g");
   auto c = prepare_norm_epilogue_backward(grad_out, g_in, f, norm, epilogue, &empty_like_cuda, op);
-  const c10::cuda::CUDAGuard guard(c.g.device());
+  DeviceMemory dev;
+  const DeviceGuard guard(c.g.device());
   const bool use_f = c.f.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "norm_epilogue_backward_cuda", [&] {
     using T = native_t<scalar_t>;
     using A = acc_t<T>;
     check_launch(cuda::norm_epilogue_backward<T>(
-                     c.go.const_data_ptr<A>(), cptr<scalar_t>(c.g), c.B, c.N,
-                     use_f ? cptr<scalar_t>(c.f) : nullptr, use_f ? c.f.stride(0) : 0,
-                     c.norm.const_data_ptr<A>(), c.e, static_cast<A>(param),
-                     use_f ? mptr<scalar_t>(c.grad_f) : nullptr, mptr<scalar_t>(c.grad_g), current_stream()),
+                     dev.in<A>(c.go), cptr<scalar_t>(dev, c.g), c.B, c.N,
+                     use_f ? cptr<scalar_t>(dev, c.f) : nullptr, use_f ? c.f.stride(0) : 0,
+                     dev.in<A>(c.norm), c.e, static_cast<A>(param),
+                     use_f ? mptr<scalar_t>(dev, c.grad_f) : nullptr, mptr<scalar_t>(dev, c.grad_g), current_stream()),
                  op);
   });
   return {c.grad_f, c.grad_g};
@@ -121,11 +119,12 @@ at::Tensor sample_scale(const at::Tensor& g_in, const at::Tensor& c_in) {
   constexpr const char* op = "lipkernels::sample_scale";
   check_cuda(g_in, op, "g");
   auto c = prepare_sample_scale(g_in, c_in, &empty_like_cuda, op);
-  const c10::cuda::CUDAGuard guard(c.g.device());
+  DeviceMemory dev;
+  const DeviceGuard guard(c.g.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "sample_scale_cuda", [&] {
     using T = native_t<scalar_t>;
-    check_launch(cuda::sample_scale<T>(cptr<scalar_t>(c.g), c.coef.const_data_ptr<acc_t<T>>(), c.B, c.N,
-                                 mptr<scalar_t>(c.out), current_stream()),
+    check_launch(cuda::sample_scale<T>(cptr<scalar_t>(dev, c.g), dev.in<acc_t<T>>(c.coef), c.B, c.N,
+                                 mptr<scalar_t>(dev, c.out), current_stream()),
                  op);
   });
   return c.out;
@@ -135,14 +134,15 @@ at::Tensor sample_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
   constexpr const char* op = "lipkernels::sample_dot";
   check_cuda(a_in, op, "a");
   auto c = prepare_sample_dot(a_in, b_in, op);
-  const c10::cuda::CUDAGuard guard(c.a.device());
+  DeviceMemory dev;
+  const DeviceGuard guard(c.a.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.a.scalar_type(), "sample_dot_cuda", [&] {
     using T = native_t<scalar_t>;
     using A = acc_t<T>;
     const int64_t np = cuda::sample_partials<T>(c.B, c.N);
     const at::Tensor partials = at::empty({np}, c.a.options().dtype(acc_type_of(c.a.scalar_type())));
-    check_launch(cuda::sample_dot<T>(cptr<scalar_t>(c.a), cptr<scalar_t>(c.b), c.B, c.N,
-                               mptr<scalar_t>(c.out), np > 0 ? partials.mutable_data_ptr<A>() : nullptr,
+    check_launch(cuda::sample_dot<T>(cptr<scalar_t>(dev, c.a), cptr<scalar_t>(dev, c.b), c.B, c.N,
+                               mptr<scalar_t>(dev, c.out), np > 0 ? dev.out<A>(partials) : nullptr,
                                current_stream()),
                  op);
   });
@@ -159,9 +159,9 @@ void check_layer_sizes(const std::vector<at::Tensor>& weights, const char* op) {
 }
 
 template <typename S>
-SnLayer<native_t<S>> make_layer(const at::Tensor& w) {
+SnLayer<native_t<S>> make_layer(DeviceMemory& dev, const at::Tensor& w) {
   SnLayer<native_t<S>> ly{};
-  ly.w = cptr<S>(w);
+  ly.w = cptr<S>(dev, w);
   ly.m = w.size(0);
   ly.k = w.numel() / ly.m;
   return ly;
@@ -174,34 +174,35 @@ at::Tensor workspace_tensor(size_t bytes, const at::Tensor& like) {
 // Power iteration of every layer, then W_sn into *outs when given. The updated vectors
 // go to *uv (u_0, v_0, u_1, v_1, ...) when given, else into us and vs in place.
 template <typename scalar_t>
-void launch_sn_forward(const std::vector<at::Tensor>& weights, at::TensorList us, at::TensorList vs,
+void launch_sn_forward(DeviceMemory& dev, const std::vector<at::Tensor>& weights, at::TensorList us,
+                       at::TensorList vs,
                        const at::Tensor* uv, const std::vector<at::Tensor>* outs,
                        int64_t n_power_iterations, double eps, const at::Tensor& sigmas,
                        const char* op) {
   using T = native_t<scalar_t>;
   using A = acc_t<T>;
   std::vector<SnLayer<T>> layers;
-  T* p = uv ? mptr<scalar_t>(*uv) : nullptr;
+  T* p = uv ? mptr<scalar_t>(dev, *uv) : nullptr;
   for (size_t i = 0; i < weights.size(); ++i) {
-    SnLayer<T> ly = make_layer<scalar_t>(weights[i]);
-    ly.u_in = cptr<scalar_t>(us[i]);
-    ly.v_in = cptr<scalar_t>(vs[i]);
+    SnLayer<T> ly = make_layer<scalar_t>(dev, weights[i]);
+    ly.u_in = cptr<scalar_t>(dev, us[i]);
+    ly.v_in = cptr<scalar_t>(dev, vs[i]);
     if (p) {
       ly.u = p;
       ly.v = p + ly.m;
       p += ly.m + ly.k;
     } else {  // in place (power_iteration's Tensor(a!)[] us, Tensor(b!)[] vs)
-      ly.u = mptr_const_cast<scalar_t>(us[i]);
-      ly.v = mptr_const_cast<scalar_t>(vs[i]);
+      ly.u = mptr<scalar_t>(dev, us[i]);
+      ly.v = mptr<scalar_t>(dev, vs[i]);
     }
-    if (outs) ly.out = mptr<scalar_t>((*outs)[i]);
+    if (outs) ly.out = mptr<scalar_t>(dev, (*outs)[i]);
     layers.push_back(ly);
   }
   const int64_t L = static_cast<int64_t>(layers.size());
   const at::Tensor ws =
       workspace_tensor(cuda::sn_forward_workspace<T>(layers.data(), L, n_power_iterations), weights[0]);
   check_launch(cuda::sn_forward<T>(layers.data(), L, n_power_iterations, static_cast<A>(eps),
-                                   sigmas.mutable_data_ptr<A>(), ws.mutable_data_ptr(), current_stream()),
+                                   dev.out<A>(sigmas), dev.out<unsigned char>(ws), current_stream()),
                op);
 }
 
@@ -212,9 +213,10 @@ at::Tensor power_iteration(at::TensorList weights_in, at::TensorList us, at::Ten
   if (c.weights.empty()) return c.sigmas;
   check_cuda(c.weights[0], op, "weights[0]");
   check_layer_sizes(c.weights, op);
-  const c10::cuda::CUDAGuard guard(c.weights[0].device());
+  DeviceMemory dev;
+  const DeviceGuard guard(c.weights[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "power_iteration_cuda", [&] {
-    launch_sn_forward<scalar_t>(c.weights, us, vs, nullptr, nullptr, n_power_iterations, eps, c.sigmas, op);
+    launch_sn_forward<scalar_t>(dev, c.weights, us, vs, nullptr, nullptr, n_power_iterations, eps, c.sigmas, op);
   });
   return c.sigmas;
 }
@@ -227,9 +229,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> sn_forward(
   if (c.weights.empty()) return {c.outs, c.sigmas, c.uv};
   check_cuda(c.weights[0], op, "weights[0]");
   check_layer_sizes(c.weights, op);
-  const c10::cuda::CUDAGuard guard(c.weights[0].device());
+  DeviceMemory dev;
+  const DeviceGuard guard(c.weights[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "sn_forward_cuda", [&] {
-    launch_sn_forward<scalar_t>(c.weights, us, vs, &c.uv, &c.outs, n_power_iterations, eps, c.sigmas, op);
+    launch_sn_forward<scalar_t>(dev, c.weights, us, vs, &c.uv, &c.outs, n_power_iterations, eps, c.sigmas, op);
   });
   return {c.outs, c.sigmas, c.uv};
 }
@@ -239,17 +242,18 @@ void sn_store_vectors_(at::TensorList us, at::TensorList vs, const at::Tensor& u
   check_cuda(uv, op, "uv");
   check_sn_store_vectors(us, vs, uv, op);
   if (us.empty()) return;
-  const c10::cuda::CUDAGuard guard(uv.device());
+  DeviceMemory dev;
+  const DeviceGuard guard(uv.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, uv.scalar_type(), "sn_store_vectors_cuda", [&] {
     using T = native_t<scalar_t>;
     std::vector<const T*> src;
     std::vector<T*> dst;
     std::vector<int64_t> n;
-    const T* p = cptr<scalar_t>(uv);
+    const T* p = cptr<scalar_t>(dev, uv);
     for (size_t i = 0; i < us.size(); ++i) {
       for (const at::Tensor* t : {&us[i], &vs[i]}) {
         src.push_back(p);
-        dst.push_back(mptr_const_cast<scalar_t>(*t));
+        dst.push_back(mptr<scalar_t>(dev, *t));
         n.push_back(t->numel());
         p += t->numel();
       }
@@ -267,25 +271,26 @@ std::vector<at::Tensor> sn_backward(at::TensorList grads_in, at::TensorList weig
   if (c.weights.empty()) return {};
   check_cuda(c.weights[0], op, "weights[0]");
   check_layer_sizes(c.weights, op);
-  const c10::cuda::CUDAGuard guard(c.weights[0].device());
+  DeviceMemory dev;
+  const DeviceGuard guard(c.weights[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.weights[0].scalar_type(), "sn_backward_cuda", [&] {
     using T = native_t<scalar_t>;
     using A = acc_t<T>;
     std::vector<SnLayer<T>> layers;
-    T* p = mptr_const_cast<scalar_t>(uv);  // read only
+    T* p = const_cast<T*>(cptr<scalar_t>(dev, uv));  // read only
     for (size_t i = 0; i < c.weights.size(); ++i) {
-      SnLayer<T> ly = make_layer<scalar_t>(c.weights[i]);
+      SnLayer<T> ly = make_layer<scalar_t>(dev, c.weights[i]);
       ly.u = p;
       ly.v = p + ly.m;
-      ly.grad = cptr<scalar_t>(c.grads[i]);
-      ly.out = mptr<scalar_t>(c.outs[i]);
+      ly.grad = cptr<scalar_t>(dev, c.grads[i]);
+      ly.out = mptr<scalar_t>(dev, c.outs[i]);
       p += ly.m + ly.k;
       layers.push_back(ly);
     }
     const int64_t L = static_cast<int64_t>(layers.size());
     const at::Tensor ws = workspace_tensor(cuda::sn_backward_workspace<T>(layers.data(), L), c.weights[0]);
-    check_launch(cuda::sn_backward<T>(layers.data(), L, sigmas.const_data_ptr<A>(), static_cast<A>(eps),
-                                ws.mutable_data_ptr(), current_stream()),
+    check_launch(cuda::sn_backward<T>(layers.data(), L, dev.in<A>(sigmas), static_cast<A>(eps),
+                                dev.out<unsigned char>(ws), current_stream()),
                  op);
   });
   return c.outs;
@@ -295,9 +300,10 @@ std::vector<at::Tensor> sn_backward(at::TensorList grads_in, at::TensorList weig
 
 void clip_(at::TensorList tensors, double c) {
   constexpr const char* op = "lipkernels::clip_";
-  check_clip(tensors, c, c10::DeviceType::CUDA, op);
+  check_clip(tensors, c, kDeviceType, op);
   if (tensors.empty()) return;
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  DeviceMemory dev;
+  const DeviceGuard guard(tensors[0].device());
   // One launch per dtype present (per kMaxMultiTensors tensors).
   for (const at::ScalarType dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
     std::vector<at::Tensor> group;
@@ -309,7 +315,7 @@ void clip_(at::TensorList tensors, double c) {
       std::vector<T*> ptrs;
       std::vector<int64_t> n;
       for (const auto& t : group) {
-        ptrs.push_back(mptr_const_cast<scalar_t>(t));
+        ptrs.push_back(mptr<scalar_t>(dev, t));
         n.push_back(t.numel());
       }
       check_launch(cuda::clip_many<T>(ptrs.data(), n.data(), static_cast<int64_t>(n.size()), c,
@@ -321,7 +327,7 @@ void clip_(at::TensorList tensors, double c) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lipkernels, CUDA, m) {
+LK_CUDA_BINDING_IMPL(m) {
   m.impl("_norm_epilogue", &norm_epilogue);
   m.impl("_norm_epilogue_backward", &norm_epilogue_backward);
   m.impl("sample_scale", &sample_scale);

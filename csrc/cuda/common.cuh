@@ -8,20 +8,9 @@
 // -D__CUDA_NO_BFLOAT16_CONVERSIONS__.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "kernels.h"
-
-// In a launcher returning cudaError_t: return the error of the launch just made, if any.
-#define LK_RETURN_IF_ERROR()                     \
-  do {                                           \
-    const cudaError_t err_ = cudaGetLastError(); \
-    if (err_ != cudaSuccess) return err_;        \
-  } while (0)
 
 namespace lipkernels {
 namespace cuda {
@@ -110,13 +99,14 @@ __device__ __forceinline__ Span split_span(const T* p, int64_t n, bool vec) {
   return s;
 }
 
+// One 16-byte access (the GPU's 128-bit load / store; p must be 16-byte aligned).
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T>*>(p);
+  return LK_LOAD16(Pack<T>, p);
 }
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& x) {
-  *reinterpret_cast<Pack<T>*>(p) = x;
+  LK_STORE16(p, x);
 }
 
 // This thread's part of sum_i x_i * y_i (kDot) or sum_i x_i^2 over [0, n) of a span,

@@ -1,6 +1,7 @@
 // Host launchers of the CUDA kernels. ATen-free: plain pointers, sizes and a stream,
-// so that every .cu file compiles with nvcc alone (the CI compile check) and the
-// binding (bindings.cpp) is the only code that knows about at::Tensor.
+// so that every .cu file compiles with nvcc alone (the CI compile check), or as host C++
+// against the emulation layer (runtime.h), and the binding (bindings.cpp) is the only
+// code that knows about at::Tensor.
 //
 // Every launcher enqueues its kernels on `stream` and returns the cudaGetLastError()
 // after its last launch (cudaSuccess, or the first launch error). None synchronises
@@ -10,11 +11,9 @@
 // .cu files). Sums are accumulated in acc_t<T>: double for double, float otherwise.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
+
+#include "runtime.h"
 
 #include "../epilogue.h"
 

@@ -51,9 +51,8 @@ cudaError_t launch_many(const T* const* src, T* const* dst, const int64_t* n, in
   auto flush = [&]() -> cudaError_t {
     if (blocks > 0) {
       tab.block_begin[tab.count] = static_cast<int32_t>(blocks);
-      multi_tensor_kernel<T, kClip><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(tab);
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
+      LK_RETURN_IF_ERROR(
+          launch<multi_tensor_kernel<T, kClip>>(static_cast<unsigned>(blocks), kThreads, 0, stream, tab));
     }
     tab.count = 0;
     blocks = 0;

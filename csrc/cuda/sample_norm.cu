@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
                          int64_t nchunks, int64_t nblocks, acc_t<T>* __restrict__ partials,
                          SampleFinish<T> fin) {
   using A = acc_t<T>;
-  __shared__ A red[kWarps];
+  LK_SHARED(A, red, [kWarps]);
   for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {
     const int64_t s = blk / nchunks, c = blk - s * nchunks;
     const int64_t start = c * kChunkElems<T>;
@@ -121,11 +121,11 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {
     const int64_t s = blk / nchunks, c = blk - s * nchunks;
-    A coef;
+    A coef = A(0);
     if (cs.coef) {
       coef = cs.coef[s];
     } else {
-      A gf;
+      A gf = A(0);
       const A fb = cs.f ? to_acc(cs.f[s * cs.f_stride]) : A(0);
       epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef);
       if (c == 0 && threadIdx.x == 0 && cs.grad_f) cs.grad_f[s] = from_acc<T>(gf);
@@ -150,13 +150,11 @@ cudaError_t launch_sample_reduce(const T* a, const T* b, int64_t B, int64_t N, a
   if (B <= 0) return cudaSuccess;
   const int64_t nchunks = chunks_per_sample<T>(N);
   const int64_t nblocks = B * nchunks;
-  sample_reduce_kernel<T, DOT>
-      <<<grid_for(nblocks), kThreads, 0, stream>>>(a, b, N, nchunks, nblocks, partials, fin);
-  LK_RETURN_IF_ERROR();
+  LK_RETURN_IF_ERROR(launch<sample_reduce_kernel<T, DOT>>(grid_for(nblocks), kThreads, 0, stream, a, b,
+                                                          N, nchunks, nblocks, partials, fin));
   if (nchunks > 1) {
-    sample_finish_kernel<T>
-        <<<grid_for((B + kWarps - 1) / kWarps), kThreads, 0, stream>>>(partials, B, nchunks, fin);
-    LK_RETURN_IF_ERROR();
+    LK_RETURN_IF_ERROR(launch<sample_finish_kernel<T>>(grid_for((B + kWarps - 1) / kWarps), kThreads, 0,
+                                                       stream, partials, B, nchunks, fin));
   }
   return cudaSuccess;
 }
@@ -168,8 +166,8 @@ cudaError_t launch_sample_scale(const T* g, T* out, int64_t B, int64_t N, const 
   if (B <= 0) return cudaSuccess;
   const int64_t nchunks = chunks_per_sample<T>(N);
   const int64_t nblocks = B * nchunks;
-  sample_scale_kernel<T><<<grid_for(nblocks), kThreads, 0, stream>>>(g, out, N, nchunks, nblocks, cs);
-  LK_RETURN_IF_ERROR();
+  LK_RETURN_IF_ERROR(
+      launch<sample_scale_kernel<T>>(grid_for(nblocks), kThreads, 0, stream, g, out, N, nchunks, nblocks, cs));
   return cudaSuccess;
 }
 

@@ -189,9 +189,9 @@ template <typename T, bool kSigmaOnly>
 __global__ void __launch_bounds__(kThreads) sn_pass_kernel(const __grid_constant__ SnTable<T> tab) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ A red[kWarps];
-  __shared__ A group_sum[kWarps];
+  LK_EXTERN_SHARED(unsigned char, smem_raw, 16);
+  LK_SHARED(A, red, [kWarps]);
+  LK_SHARED(A, group_sum, [kWarps]);
   const int item = blockIdx.x;
   const int l = find_entry(tab.item_begin, tab.n_layers, item);
   const SnEntry<T>& e = tab.e[l];
@@ -259,9 +259,10 @@ __global__ void __launch_bounds__(kThreads) sn_pass_kernel(const __grid_constant
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sn_colreduce_kernel(const __grid_constant__ SnTable<T> tab) {
   using A = acc_t<T>;
-  __shared__ A red[kWarps];
-  __shared__ A sh_tden, sh_sden;
-  __shared__ int sh_last;
+  LK_SHARED(A, red, [kWarps]);
+  LK_SHARED(A, sh_tden, );
+  LK_SHARED(A, sh_sden, );
+  LK_SHARED(int, sh_last, );
   const int cb = blockIdx.x;
   const int l = find_entry(tab.col_begin, tab.n_layers, cb);
   const SnEntry<T>& e = tab.e[l];
@@ -357,8 +358,8 @@ __global__ void __launch_bounds__(kThreads) sn_divide_kernel(const __grid_consta
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sn_backward_dot_kernel(const __grid_constant__ SnTable<T> tab) {
   using A = acc_t<T>;
-  __shared__ A red[kWarps];
-  __shared__ int sh_last;
+  LK_SHARED(A, red, [kWarps]);
+  LK_SHARED(int, sh_last, );
   const int sp = blockIdx.x;
   const int l = find_entry(tab.span_begin, tab.n_layers, sp);
   const SnEntry<T>& e = tab.e[l];
@@ -593,23 +594,16 @@ cudaError_t sn_forward(const SnLayer<T>* layers, int64_t L, int64_t n_power_iter
     p.tab.eps = eps;
     if (mode == Mode::Sigma) {
       p.tab.first = 1;
-      sn_pass_kernel<T, true><<<p.n_items, kThreads, 0, stream>>>(p.tab);
-      LK_RETURN_IF_ERROR();
-      sn_finish0_kernel<T><<<n, kThreads, 0, stream>>>(p.tab);
-      LK_RETURN_IF_ERROR();
+      LK_RETURN_IF_ERROR(launch<sn_pass_kernel<T, true>>(p.n_items, kThreads, 0, stream, p.tab));
+      LK_RETURN_IF_ERROR(launch<sn_finish0_kernel<T>>(n, kThreads, 0, stream, p.tab));
     } else {
       for (int64_t it = 0; it < n_power_iterations; ++it) {
         p.tab.first = it == 0 ? 1 : 0;
-        sn_pass_kernel<T, false><<<p.n_items, kThreads, p.pass_smem, stream>>>(p.tab);
-        LK_RETURN_IF_ERROR();
-        sn_colreduce_kernel<T><<<p.n_cols, kThreads, 0, stream>>>(p.tab);
-        LK_RETURN_IF_ERROR();
+        LK_RETURN_IF_ERROR(launch<sn_pass_kernel<T, false>>(p.n_items, kThreads, p.pass_smem, stream, p.tab));
+        LK_RETURN_IF_ERROR(launch<sn_colreduce_kernel<T>>(p.n_cols, kThreads, 0, stream, p.tab));
       }
     }
-    if (p.any_out) {
-      sn_divide_kernel<T><<<p.n_spans, kThreads, 0, stream>>>(p.tab);
-      LK_RETURN_IF_ERROR();
-    }
+    if (p.any_out) LK_RETURN_IF_ERROR(launch<sn_divide_kernel<T>>(p.n_spans, kThreads, 0, stream, p.tab));
   }
   return cudaSuccess;
 }
@@ -626,12 +620,9 @@ cudaError_t sn_backward(const SnLayer<T>* layers, int64_t L, const acc_t<T>* sig
     // The kernels only read sigmas in the backward.
     bind_workspace(&p, workspace, const_cast<acc_t<T>*>(sigmas + l0));
     p.tab.eps = eps;
-    const cudaError_t err = cudaMemsetAsync(p.tab.counters, 0, n * sizeof(unsigned), stream);
-    if (err != cudaSuccess) return err;
-    sn_backward_dot_kernel<T><<<p.n_spans, kThreads, 0, stream>>>(p.tab);
-    LK_RETURN_IF_ERROR();
-    sn_backward_scale_kernel<T><<<p.n_spans, kThreads, 0, stream>>>(p.tab);
-    LK_RETURN_IF_ERROR();
+    LK_RETURN_IF_ERROR(cudaMemsetAsync(p.tab.counters, 0, n * sizeof(unsigned), stream));
+    LK_RETURN_IF_ERROR(launch<sn_backward_dot_kernel<T>>(p.n_spans, kThreads, 0, stream, p.tab));
+    LK_RETURN_IF_ERROR(launch<sn_backward_scale_kernel<T>>(p.n_spans, kThreads, 0, stream, p.tab));
   }
   return cudaSuccess;
 }
