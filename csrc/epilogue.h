@@ -1,4 +1,4 @@
-// Per-sample epilogues of the gradient-norm family (MATH.md sections 2-5).
+// Per-sample epilogues of the gradient-norm family (docs/math.md sections 2-5).
 //
 // ATen-free and usable from host and device code: the CPU kernels and the CUDA
 // kernels share these formulas, so the two backends cannot drift apart.

@@ -1,4 +1,4 @@
-"""GAN losses of MATH.md section 7, as ``d(real, fake)`` and ``g(fake)`` pairs.
+"""GAN losses of docs/math.md section 7, as ``d(real, fake)`` and ``g(fake)`` pairs.
 
 ``real`` and ``fake`` are the discriminator's outputs on real and generated data
 (any shape, typically ``(B,)`` or ``(B, 1)``); every loss is a batch mean.

@@ -1,6 +1,6 @@
 """Layer-level tests of spectral normalization: ``lipkernels.spectral_norm``, the
 ``SN*`` layers and ``SpectralNormGroup``, against ``torch.nn.utils.parametrizations.
-spectral_norm`` (MATH.md section 1), the legacy ``torch.nn.utils.spectral_norm``, and
+spectral_norm`` (docs/math.md section 1), the legacy ``torch.nn.utils.spectral_norm``, and
 closed forms. Every test runs on the reference backend and on every compiled one.
 
 Tolerances: unless a test says otherwise, ``assert_close`` with the dtype's tolerance
@@ -82,7 +82,7 @@ def default_dtype(dtype):
 # ----------------------------------------------------------------- models
 
 def sngan_d(sn, width: int = 4, size: int = 32, n_power_iterations: int = 1) -> nn.Sequential:
-    """The SNGAN CIFAR-10 CNN discriminator of MATH.md section 9 with channel widths
+    """The SNGAN CIFAR-10 CNN discriminator of docs/math.md section 9 with channel widths
     ``width * (1, 1, 2, 2, 4, 4, 8)`` (``width=64`` is the real one) and LeakyReLU(0.1)."""
     c = width
     spec = [(3, c, 3, 1), (c, c, 4, 2), (c, 2 * c, 3, 1), (2 * c, 2 * c, 4, 2),

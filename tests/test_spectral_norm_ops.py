@@ -12,7 +12,7 @@ from lipkernels import ops
 
 from conftest import CPU_DTYPES, COMPILED_BACKENDS, assert_close, float64_copies, spectral_layers
 
-# The SNGAN CIFAR-10 CNN discriminator (MATH.md section 9), plus odd shapes: a single
+# The SNGAN CIFAR-10 CNN discriminator (docs/math.md section 9), plus odd shapes: a single
 # row, one column, sizes that are no multiple of any block, a 1 x 8192 layer, 512 x 4608.
 SNGAN = [(64, 3, 3, 3), (64, 64, 4, 4), (128, 64, 3, 3), (128, 128, 4, 4), (256, 128, 3, 3),
          (256, 256, 4, 4), (512, 256, 3, 3), (1, 8192)]
@@ -103,7 +103,7 @@ def test_gradcheck_eval_mode(backend):
 
 def test_backward_treats_u_v_as_constants(backend):
     """Training-mode gradient: (G - <G, W_sn> u v^T) / sigma with the updated u, v
-    (MATH.md), written out here."""
+    (docs/math.md section 1), written out here."""
     w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     u = F.normalize(torch.randn(6, dtype=torch.float64), dim=0)
     v = F.normalize(torch.randn(4, dtype=torch.float64), dim=0)

@@ -1,4 +1,4 @@
-// CPU kernels of batched spectral normalization (MATH.md section 1) for a whole
+// CPU kernels of batched spectral normalization (docs/math.md section 1) for a whole
 // list of layers at once: the single-pass power iteration (one read of every W per
 // iteration, sigma without a further pass), W_sn = W / sigma, and its backward
 // (G - <G, W_sn> u v^T) / sigma.

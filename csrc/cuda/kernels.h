@@ -98,7 +98,7 @@ template <typename T>
 size_t sn_backward_workspace(const SnLayer<T>* layers, int64_t L);
 
 // n_power_iterations >= 1: that many iterations of u <- normalize(W v), v <- normalize(W^T u)
-// (torch's order), one read of W each; sigma = ||W^T u|| without another pass (MATH.md 1).
+// (torch's order), one read of W each; sigma = ||W^T u|| without another pass (docs/math.md §1).
 // n_power_iterations == 0: sigma = u_in^T W v_in, and u_in, v_in are copied to u, v
 // where those differ. Then W_sn = W / sigma_eff (sigma_eff = eps where |sigma| < eps)
 // for every layer with out != nullptr. sigmas: (L,) accumulation type.

@@ -1,4 +1,4 @@
-// CUDA kernels of the per-sample gradient-norm family (MATH.md sections 2-5): n_i =
+// CUDA kernels of the per-sample gradient-norm family (docs/math.md sections 2-5): n_i =
 // ||g_i|| fused with the GN / GraN / GP / R1 epilogues (one read of g), the backward
 // (one read of g, one write of dL/dg), sample_scale and sample_dot.
 //

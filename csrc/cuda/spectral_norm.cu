@@ -1,4 +1,4 @@
-// CUDA kernels of batched spectral normalization (MATH.md section 1) for a list of
+// CUDA kernels of batched spectral normalization (docs/math.md section 1) for a list of
 // layers: the single-pass power iteration (one read of every W per iteration, sigma
 // without a further pass), W_sn = W / sigma, and the backward
 // (G - <G, W_sn> u v^T) / sigma. Semantics are those of csrc/cpu/spectral_norm.cpp.

@@ -11,7 +11,7 @@ compared against it, built for one device and preset.
 * training steps end to end (one discriminator and one generator step) for SNGAN,
   WGAN-GP, GN-GAN and GraN-GAN on the SNGAN CNN architecture.
 
-``bytes`` is the traffic MATH.md's cost model says a call must move (0 where it does
+``bytes`` is the traffic docs/math.md's cost model says a call must move (0 where it does
 not apply); achieved bandwidth is bytes / median time.
 """
 from __future__ import annotations

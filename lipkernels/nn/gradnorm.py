@@ -1,4 +1,4 @@
-"""Gradient-normalized discriminators (MATH.md sections 4 and 5) and the gradient
+"""Gradient-normalized discriminators (docs/math.md sections 4 and 5) and the gradient
 penalties that take a network (section 3).
 
 All of them differentiate the network's input gradient ``g = d sum(f) / dx`` (built

@@ -1,7 +1,7 @@
 """Functional API: the fused ops, each dispatched to the selected backend.
 
 Every op has a plain-PyTorch reference (``*_reference``) beside it, written from
-MATH.md; the tests hold every backend to it.
+docs/math.md; the tests hold every backend to it.
 """
 from . import _fake
 from .clip import clip_, clip_reference

@@ -1,4 +1,4 @@
-"""WGAN weight clipping (MATH.md section 6): clamp many tensors to ``[-c, c]`` in one
+"""WGAN weight clipping (docs/math.md section 6): clamp many tensors to ``[-c, c]`` in one
 multi-tensor call."""
 from __future__ import annotations
 

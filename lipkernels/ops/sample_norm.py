@@ -1,4 +1,4 @@
-"""Per-sample gradient norm and its fused epilogues (MATH.md sections 2-5).
+"""Per-sample gradient norm and its fused epilogues (docs/math.md sections 2-5).
 
 For a per-sample gradient ``g`` of shape ``(B, ...)`` and ``n_i = ||g_i||_2`` over all
 non-batch dimensions:

@@ -1,4 +1,4 @@
-"""Batched spectral normalization (MATH.md section 1).
+"""Batched spectral normalization (docs/math.md section 1).
 
 A list of layers is processed in one call: each weight ``w`` is viewed as the
 matrix ``W = w.flatten(1)`` of shape ``(m, k)`` (move the normalized dim to the front

@@ -1,4 +1,4 @@
-"""Triton kernels of the per-sample norm family (MATH.md sections 2-5), registered as
+"""Triton kernels of the per-sample norm family (docs/math.md sections 2-5), registered as
 ``torch.library`` custom ops (opaque to ``torch.compile``, with fake kernels and
 autograd).
 

@@ -1,4 +1,4 @@
-"""Triton kernels of batched spectral normalization (MATH.md section 1): all layers of a
+"""Triton kernels of batched spectral normalization (docs/math.md section 1): all layers of a
 model in a fixed number of launches, whatever their number.
 
 A *plan* is built once per list of weights (cached by data pointers and shapes) and
