@@ -90,11 +90,12 @@ build/nvcc/bindings.syntax-ok: csrc/cuda/bindings.cpp csrc/cuda/kernels.h csrc/b
 	  -isystem build/nvcc/stub -isystem "$$(dirname "$$(command -v $(NVCC))")/../include" csrc/cuda/bindings.cpp
 	@touch $@
 
+# -rs: every skipped test is listed with its reason (the GPU-only ones say they need CUDA).
 test: cuda-check install cmake-build
-	LIPKERNELS_REQUIRE_CMAKE=1 $(PY) -m pytest tests -q
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton -p no:cacheprovider
+	LIPKERNELS_REQUIRE_CMAKE=1 $(PY) -m pytest tests -q -rs
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -rs -m triton -p no:cacheprovider
 	$(VENV)/bin/lipkernels bench --quick --no-save
-	$(PY) -m pytest bench -q --benchmark-disable -p no:cacheprovider
+	$(PY) -m pytest bench -q -rs --benchmark-disable -p no:cacheprovider
 
 # The benchmark suite: prints the table, writes bench/results/<device>-<date>.json and .png.
 bench: install
