@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -43,10 +44,16 @@ def cmd_info(args) -> int:
     print(f"  {'library':<14} {_extension.path() or '-'}")
     if _extension.loaded():
         info = _extension.build_info()
-        print(f"  {'compiled':<14} CPU kernels (OpenMP: {'yes' if info.get('openmp') else 'no'}); "
-              + (f"CUDA kernels for {', '.join(_extension.cuda_archs())}" if info.get("cuda")
-                 else "no CUDA kernels"))
-        if not info.get("cuda"):
+        if info.get("cuda"):
+            cuda = f"CUDA kernels for {', '.join(_extension.cuda_archs())}"
+        elif info.get("cuda_emulation"):
+            emu = json.loads(torch.ops.lipkernels_cuda_emu._emu_info())
+            cuda = ("CUDA kernels emulated on the CPU ("
+                    + (emu["sanitizer"] or ("traffic counted" if emu["traffic_counted"] else "plain")) + ")")
+        else:
+            cuda = "no CUDA kernels"
+        print(f"  {'compiled':<14} CPU kernels (OpenMP: {'yes' if info.get('openmp') else 'no'}); {cuda}")
+        if not info.get("cuda") and not info.get("cuda_emulation"):
             print(f"  {'no CUDA':<14} {_extension.cuda_reason()}")
         cached = torch.ops.lipkernels._cpu_output_cache_bytes()
         print(f"  {'output cache':<14} {cached / 2**20:.1f} MiB held")

@@ -13,9 +13,13 @@ import lipkernels
 #: Compiled backends the general suites run (the reference is what they are compared
 #: against). Under the Triton interpreter (TRITON_INTERPRET=1) the Triton backend is
 #: tested by tests/test_triton.py with small shapes instead.
+#: LIPKERNELS_TEST_BACKENDS=cuda (a comma-separated list) restricts them: the CI run of
+#: the emulation build (the CUDA kernels on CPU tensors) tests only what it adds.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+_ONLY = [b for b in os.environ.get("LIPKERNELS_TEST_BACKENDS", "").split(",") if b]
 COMPILED_BACKENDS = [b for b in lipkernels.available_backends()
-                     if b != "reference" and not (b == "triton" and INTERPRETING)]
+                     if b != "reference" and not (b == "triton" and INTERPRETING)
+                     and (not _ONLY or b in _ONLY)]
 
 #: (rtol, atol) per dtype for a backend against the float64 reference evaluated on the
 #: same (rounded) inputs. float32: accumulation order differs (~1e-7 relative per

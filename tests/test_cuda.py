@@ -1,17 +1,25 @@
 """The CUDA backend (csrc/cuda/).
 
-On a machine with a GPU (torch.cuda.is_available() and the library compiled with CUDA
-kernels): every CUDA kernel against the float64 reference, forward and gradients, all
-dtypes, odd shapes (one sample, sizes that are no multiple of any block or 16-byte
-pack, a 1 x 8192 layer, 512 x 4608, (8, 3, 256, 256)), unaligned (offset) pointers,
-more layers than one launch's table holds, layers too wide for shared memory, opcheck
-on CUDA tensors, no host synchronisation, a CUDA-graph capture of a spectral-norm
-forward + backward, and the Triton backend cross-checked where it is available.
-Without one these are skipped, with the reason.
+Its kernels run here in one of two ways:
+
+* on a GPU (torch.cuda.is_available() and the library compiled with CUDA kernels), on
+  CUDA tensors;
+* in an emulation build (LIPKERNELS_CUDA_EMULATION: the same kernel sources compiled for
+  the host, csrc/cuda/emulation/), on CPU tensors: how CI runs them, plain and under
+  AddressSanitizer + UndefinedBehaviorSanitizer and ThreadSanitizer.
+
+Either way: every CUDA kernel against the float64 reference, forward and gradients, all
+dtypes, odd shapes (one sample, sizes that are no multiple of any block or 16-byte pack,
+a 1 x 8192 layer, 512 x 4608, many 16 KiB chunks per sample), unaligned (offset)
+pointers, more layers than one launch's table holds, layers too wide for shared memory,
+opcheck, determinism, and the launches per call that the README states. On a GPU only
+(skipped in the emulation, with the reason): no host synchronisation, the current
+stream, a second device, a CUDA-graph capture, and the Triton backend cross-checked.
+Without either, these are skipped, with the reason.
 
 Everywhere: the nvcc compile check's outputs (`make cuda-check`) are present for every
 csrc/cuda/*.cu and both sm_80 and sm_90 (required when LIPKERNELS_REQUIRE_NVCC=1, as
-in CI), and `lipkernels info` says why CUDA is unavailable.
+in CI), and `lipkernels info` says why CUDA is unavailable, or that it is emulated.
 
 LIPKERNELS_CUDA_TESTS_DEVICE=cpu runs the GPU tests' logic on the CPU backend instead:
 a self-check of this file where no GPU is at hand (CUDA-only tests stay skipped).
@@ -34,19 +42,31 @@ from conftest import PER_SAMPLE_OPS, assert_close, run_per_sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DRY_RUN = os.environ.get("LIPKERNELS_CUDA_TESTS_DEVICE") == "cpu"
-HAVE_CUDA = torch.cuda.is_available() and lipkernels.backend_status()["cuda"][0]
-DEVICE = torch.device("cpu" if DRY_RUN else "cuda")
+EMULATED = _extension.cuda_emulated() and not DRY_RUN
+HAVE_GPU = (torch.cuda.is_available() and lipkernels.backend_status()["cuda"][0]
+            and not _extension.cuda_emulated())
+RUNS = HAVE_GPU or EMULATED or DRY_RUN
+DEVICE = torch.device("cuda" if HAVE_GPU else "cpu")
 BACKEND = "cpu" if DRY_RUN else "cuda"
-WHY_NOT = ("no GPU here (torch.cuda.is_available() is False)" if not torch.cuda.is_available()
+WHY_NOT = ("no GPU here (torch.cuda.is_available() is False) and the library is not an emulation "
+           "build (LIPKERNELS_CUDA_EMULATION)" if not torch.cuda.is_available()
            else "the cuda backend is unavailable: " + lipkernels.backend_status()["cuda"][1])
 
-gpu = pytest.mark.skipif(not (HAVE_CUDA or DRY_RUN), reason=WHY_NOT)
-cuda_only = pytest.mark.skipif(not HAVE_CUDA or DRY_RUN, reason=WHY_NOT if not HAVE_CUDA
-                               else "CUDA-only (LIPKERNELS_CUDA_TESTS_DEVICE=cpu)")
+gpu = pytest.mark.skipif(not RUNS, reason=WHY_NOT)
+cuda_only = pytest.mark.skipif(not HAVE_GPU, reason=(
+    "needs a GPU (streams, CUDA graphs, sync debug mode)" + (": the kernels are emulated on the CPU here"
+                                                              if EMULATED else "")))
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 HALF = (torch.float16, torch.bfloat16)
-lib = torch.ops.lipkernels
+#: The CUDA kernels' ops: torch.ops.lipkernels on CUDA tensors, or the emulation build's
+#: own namespace on CPU tensors; cpu_lib: the CPU kernels, compared against.
+lib = torch.ops.lipkernels_cuda_emu if EMULATED else torch.ops.lipkernels
+cpu_lib = torch.ops.lipkernels
+#: The large cases: what a GPU runs in milliseconds, scaled to what the emulation (2 CPU
+#: cores, 256 threads per block as fibers) runs in seconds, keeping their structure
+#: (many 16 KiB chunks per sample; a layer of many pass items).
+LARGE_SAMPLE = (8, 3, 256, 256) if HAVE_GPU else (2, 3, 80, 81)
 
 
 @pytest.fixture
@@ -75,7 +95,7 @@ SAMPLE_OPS = PER_SAMPLE_OPS
 # One sample; sizes no multiple of any block (256 threads), pack (2 to 8 elements) or
 # chunk (16 KiB); one chunk and many chunks per sample; (8, 3, 256, 256).
 SAMPLE_SHAPES = [(1, 7), (3, 1), (5, 3, 7, 9), (2, 70001), (3, 4097), (1, 3, 256, 100),
-                 (8, 3, 256, 256)]
+                 LARGE_SAMPLE]
 
 
 _run = run_per_sample
@@ -165,14 +185,14 @@ def test_norm_epilogue_kernels_match_cpu_kernels(dtype, epilogue):
     g = _dev(torch.randn(5, 3, 70, 71, dtype=torch.float64).to(dtype))
     f = _dev(torch.randn(5, dtype=torch.float64).to(dtype)) if uses_f else None
     out, norm = lib._norm_epilogue(g, f, epilogue, param)
-    out_c, norm_c = lib._norm_epilogue(g.cpu(), f.cpu() if uses_f else None, epilogue, param)
+    out_c, norm_c = cpu_lib._norm_epilogue(g.cpu(), f.cpu() if uses_f else None, epilogue, param)
     for a, e, what in ((out, out_c, "out"), (norm, norm_c, "norm")):
         assert a.dtype == e.dtype and a.shape == e.shape, what
         assert_close(a, e, dtype=dtype, what=what)
     go = _dev(torch.randn(5, dtype=torch.float64).to(out.dtype))
     grad_f, grad_g = lib._norm_epilogue_backward(go, g, f, norm, epilogue, param)
-    grad_f_c, grad_g_c = lib._norm_epilogue_backward(go.cpu(), g.cpu(), f.cpu() if uses_f else None,
-                                                     norm.cpu(), epilogue, param)
+    grad_f_c, grad_g_c = cpu_lib._norm_epilogue_backward(go.cpu(), g.cpu(), f.cpu() if uses_f else None,
+                                                         norm.cpu(), epilogue, param)
     assert grad_g.dtype == dtype and grad_g.stride() == grad_g_c.stride()
     assert grad_f.shape == grad_f_c.shape and grad_f.dtype == grad_f_c.dtype
     assert_close(grad_g, grad_g_c, dtype=dtype, what="grad_g")
@@ -338,8 +358,8 @@ def test_sn_kernel_ops_match_cpu_kernels(dtype, n_iter):
     ws, us, vs = _layers(shapes, dtype)
     u0, v0 = _clone(us), _clone(vs)
     w_sn, sigmas, uv = lib._sn_forward(ws, us, vs, n_iter, 1e-12)
-    w_sn_c, sigmas_c, uv_c = lib._sn_forward([w.cpu() for w in ws], [u.cpu() for u in us],
-                                             [v.cpu() for v in vs], n_iter, 1e-12)
+    w_sn_c, sigmas_c, uv_c = cpu_lib._sn_forward([w.cpu() for w in ws], [u.cpu() for u in us],
+                                                 [v.cpu() for v in vs], n_iter, 1e-12)
     for a, b in zip(us + vs, u0 + v0):
         assert torch.equal(a, b), "_sn_forward must not modify its inputs"
     assert sigmas.dtype == sigmas_c.dtype and uv.dtype == uv_c.dtype and uv.shape == uv_c.shape
@@ -357,7 +377,8 @@ def test_sn_kernel_ops_match_cpu_kernels(dtype, n_iter):
         off += v.numel()
     grads = [_dev(torch.randn(w.shape, dtype=torch.float64).to(dtype)) for w in ws]
     dws = lib._sn_backward(grads, ws, uv, sigmas, 1e-12)
-    dws_c = lib._sn_backward([g.cpu() for g in grads], [w.cpu() for w in ws], uv.cpu(), sigmas.cpu(), 1e-12)
+    dws_c = cpu_lib._sn_backward([g.cpu() for g in grads], [w.cpu() for w in ws], uv.cpu(), sigmas.cpu(),
+                                 1e-12)
     for i, (a, b) in enumerate(zip(dws, dws_c)):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert_close(a, b, dtype=dtype, what=f"dW[{i}]")
@@ -603,6 +624,9 @@ def test_info_says_why_cuda_is_unavailable(capsys):
     if info.get("cuda"):
         assert "CUDA kernels for sm_" in out
         assert info["cuda_archs"]
+    elif info.get("cuda_emulation"):
+        assert ok and "emulated on the CPU" in cuda_line
+        assert "CUDA kernels emulated on the CPU" in out
     else:
         reason = _extension.cuda_reason()
         assert reason and "unknown" not in reason
@@ -637,7 +661,7 @@ def test_arch_compatibility_rules(monkeypatch):
 def test_cuda_backend_status_is_consistent():
     ok, why = backends.backend("cuda").probe()
     if ok:
-        assert HAVE_CUDA or _extension.cuda_emulated()
+        assert HAVE_GPU or _extension.cuda_emulated()
     else:
         assert why
         if not _extension.build_info().get("cuda"):

@@ -639,7 +639,9 @@ class Pool {
   void submit(std::function<void()> job) {
     std::unique_lock<std::mutex> lock(mu_);
     jobs_.push_back(std::move(job));
-    if (idle_ == 0) {
+    // Every job must get a thread now: a warp's job waits at barriers for the other
+    // warps of its block, so a queued job would never run.
+    if (jobs_.size() > static_cast<size_t>(idle_)) {
       std::thread(&Pool::work, this).detach();
       ++threads_;
     } else {
@@ -704,8 +706,9 @@ void start_next_block(Launch& launch, int slot) {
   b->expected = b->nwarps;
   b->warps.reset(new Warp[b->nwarps]);
   b->dynamic = fresh_alloc(launch.smem);
-  b->warps_running.store(b->nwarps);
-  for (int wi = 0; wi < b->nwarps; ++wi) {
+  const int nwarps = b->nwarps;  // b is deleted by its last warp: not read after the last submit
+  b->warps_running.store(nwarps);
+  for (int wi = 0; wi < nwarps; ++wi) {
     Warp* w = &b->warps[wi];
     w->block = b;
     w->index = wi;
