@@ -10,11 +10,12 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu)
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu \
+	csrc/cuda/emulation/*.cpp csrc/cuda/emulation/*.h)
 # cmake from the machine, else from PyPI into the virtualenv.
 CMAKE := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
-.PHONY: install test bench cmake-build cuda-check cuda-objects check clean
+.PHONY: install test bench cmake-build cuda-check cuda-objects check clean emu-test emu-asan-test emu-tsan-test
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -91,7 +92,45 @@ build/nvcc/bindings.syntax-ok: csrc/cuda/bindings.cpp csrc/cuda/kernels.h csrc/b
 	@touch $@
 
 # -rs: every skipped test is listed with its reason (the GPU-only ones say they need CUDA).
-test: cuda-check install cmake-build
+# ---- The CUDA kernels emulated on the CPU (csrc/cuda/emulation/; README "The CUDA kernels
+# without a GPU"): the same csrc/cuda/*.cu sources built as host C++ by CMake, as the
+# `cuda` backend for CPU tensors, in three variants:
+#   build/emu       plain (-O2), with the memory-access hooks that count traffic
+#   build/emu-asan  AddressSanitizer + UndefinedBehaviorSanitizer
+#   build/emu-tsan  ThreadSanitizer (every lane a TSan fiber: a missing __syncthreads is a race)
+# Each test run loads one with LIPKERNELS_LIBRARY and tests only the cuda backend
+# (LIPKERNELS_TEST_BACKENDS=cuda); a sanitizer's runtime is preloaded (python is not
+# instrumented), and any report fails the run.
+comma := ,
+emu_sanitize = $(if $(filter emu-asan,$(1)),address$(comma)undefined,$(if $(filter emu-tsan,$(1)),thread,))
+EMU_LIBS := build/emu/liblipkernels.so build/emu-asan/liblipkernels.so build/emu-tsan/liblipkernels.so
+$(EMU_LIBS): build/%/liblipkernels.so: $(VENV)/.deps $(CMAKE) CMakeLists.txt $(SOURCES)
+	@mkdir -p build
+	$(CMAKE) -S . -B build/$* -DLIPKERNELS_CUDA_EMULATION=ON -DLIPKERNELS_SANITIZE="$(call emu_sanitize,$*)" \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build/$*.log 2>&1 || (cat build/$*.log; exit 1)
+	$(CMAKE) --build build/$* -j 2 >> build/$*.log 2>&1 || (cat build/$*.log; exit 1)
+
+emu_env = LIPKERNELS_LIBRARY=$(CURDIR)/build/$(1)/liblipkernels.so LIPKERNELS_TEST_BACKENDS=cuda
+ASAN_RUNTIME = $$($(CXX) -print-file-name=libasan.so)
+TSAN_RUNTIME = $$($(CXX) -print-file-name=libtsan.so)
+
+# The CUDA suite and every per-backend suite, on the emulated kernels.
+emu-test: install build/emu/liblipkernels.so
+	$(call emu_env,emu) $(PY) -m pytest tests -q -rs -p no:cacheprovider
+
+# The whole CUDA suite under AddressSanitizer + UndefinedBehaviorSanitizer.
+emu-asan-test: install build/emu-asan/liblipkernels.so
+	LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(call emu_env,emu-asan) $(PY) -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
+
+# ThreadSanitizer on a subset: every kernel at least once, with several blocks and a
+# partial last block (torch and the CPU kernels single-threaded: OpenMP is not TSan-aware).
+emu-tsan-test: install build/emu-tsan/liblipkernels.so
+	LD_PRELOAD=$(TSAN_RUNTIME) TSAN_OPTIONS=halt_on_error=1:exitcode=66 OMP_NUM_THREADS=1 \
+	  $(call emu_env,emu-tsan) $(PY) -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider -m tsan_subset
+
+test: cuda-check install cmake-build emu-test
 	LIPKERNELS_REQUIRE_CMAKE=1 $(PY) -m pytest tests -q -rs
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -rs -m triton -p no:cacheprovider
 	$(VENV)/bin/lipkernels bench --quick --no-save

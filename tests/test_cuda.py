@@ -558,6 +558,123 @@ def test_matches_triton_backend(dtype):
         assert_close(a, b.to(a.dtype), dtype=dtype, what=f"cuda vs triton, output {i}")
 
 
+# ================================================================== every kernel; launches per call
+
+def _recorded(fn):
+    """fn() and, in the emulation build, the names of the kernels it launched, in order."""
+    if not EMULATED:
+        fn()
+        return None
+    from lipkernels.benchmark import counting
+    with counting.record("cuda") as rec:
+        fn()
+    return rec
+
+
+#: Every kernel of csrc/cuda/*.cu (float32 instances) and the backward's memset.
+ALL_KERNELS = {
+    "sample_reduce_kernel<float, false>", "sample_reduce_kernel<float, true>", "sample_finish_kernel<float>",
+    "sample_scale_kernel<float>", "sn_pass_kernel<float, false>", "sn_pass_kernel<float, true>",
+    "sn_colreduce_kernel<float>", "sn_finish0_kernel<float>", "sn_divide_kernel<float>",
+    "sn_backward_dot_kernel<float>", "sn_backward_scale_kernel<float>", "multi_tensor_kernel<float, false>",
+    "multi_tensor_kernel<float, true>", "cudaMemsetAsync",
+}
+
+
+@gpu
+@pytest.mark.tsan_subset
+def test_every_kernel_with_several_blocks_and_a_partial_last_block(on_device):
+    """Every kernel, with grids of several blocks whose last block has a partial chunk,
+    span, item or warp, against the reference: the subset that CI runs under
+    ThreadSanitizer (make emu-tsan-test); in the emulation build the launch records
+    show that every kernel ran, on more than one block."""
+    # Samples of 5000 float32: 2 chunks of 16 KiB each, the second partial; 9 samples:
+    # the finishing kernel's second block has one warp's sample of 8.
+    g = _dev(torch.randn(9, 5000, dtype=torch.float64).to(torch.float32))
+    f = _dev(torch.randn(9, dtype=torch.float64).to(torch.float32))
+    # A layer of several pass items (82 rows each, the last 54) and 8 spans (the last
+    # partial), and one too wide for shared memory (79 column blocks).
+    shapes = [(300, 100), (3, 20000)]
+
+    def run():
+        for name in SAMPLE_OPS:
+            _check_sample_op(name, f, g, torch.float32)
+        h = _dev(torch.randn(9, 5000))
+        assert_close(lib.sample_dot(g, h), (g.double() * h.double()).sum(1), dtype=torch.float32,
+                     what="sample_dot")
+        _check_spectral_normalize(shapes, torch.float32, True, 2)
+        _check_spectral_normalize(shapes, torch.float32, False, 1)
+        tensors = [_dev(torch.randn(5000)), _dev(torch.randn(37, 3))]
+        expected = [t.clamp(-0.5, 0.5) for t in tensors]
+        lib.clip_(tensors, 0.5)
+        for t, e in zip(tensors, expected):
+            assert torch.equal(t, e)
+
+    rec = _recorded(run)
+    if rec is None:
+        return
+    names = set(rec.names())
+    assert ALL_KERNELS <= names, f"kernels that did not run: {sorted(ALL_KERNELS - names)}"
+    for call in rec.calls:
+        if not call.is_memset:
+            assert call.grid[0] * call.grid[1] * call.grid[2] > 1, f"{call.name} ran on a single block"
+
+
+def _launches(fn) -> list:
+    rec = _recorded(fn)
+    return rec.names()
+
+
+emulated = pytest.mark.skipif(not EMULATED, reason=(
+    "launches are counted by the emulation build's launch records (on a GPU, `lipkernels bench` "
+    "counts kernel launches with the profiler)"))
+
+
+@emulated
+def test_launches_per_call_of_the_per_sample_ops(on_device):
+    """README: forward one launch (a sample of up to 16 KiB) or two (more: the partial sums
+    are added by a finishing kernel); backward one launch."""
+    for shape, forward in (((64, 3, 32, 32), 1), ((64, 4096), 1), ((3, 5000), 2), ((2, 3, 80, 81), 2)):
+        for name, (op, _, uses_f) in SAMPLE_OPS.items():
+            gg = _dev(torch.randn(shape)).requires_grad_(True)
+            ff = _dev(torch.randn(shape[0])).requires_grad_(uses_f)
+            out = []
+            assert len(_launches(lambda: out.append(op(ff, gg)))) == forward, (name, shape)
+            back = _launches(lambda: torch.autograd.grad(out[0].sum(), gg))
+            assert back == ["sample_scale_kernel<float>"], (name, shape, back)
+
+
+@emulated
+@pytest.mark.parametrize("n_iter", [0, 1, 3])
+def test_launches_per_call_of_spectral_norm(on_device, n_iter):
+    """README: a whole list of layers (up to 24 per launch's table) in 2 launches per power
+    iteration, + 1 for W_sn, + 1 copying the updated u, v into the layers' buffers;
+    evaluation 3; the backward 2 launches and a memset; independent of the number of layers."""
+    for shapes, groups in ((SNGAN, 1), (MANY, 2)):
+        ws, us, vs = _layers(shapes, torch.float32, requires_grad=True)
+        pi = _launches(lambda: ops.power_iteration(ws, us, vs, n_iter))
+        assert len(pi) == groups * (2 * n_iter if n_iter else 2), pi
+        if n_iter == 0:
+            continue
+        out = []
+        fwd = _launches(lambda: out.extend(ops.spectral_normalize(ws, us, vs, n_iter, 1e-12, True)))
+        assert len(fwd) == groups * (2 * n_iter + 1) + 1, fwd
+        assert fwd[-1] == "multi_tensor_kernel<float, false>"  # u, v stored
+        back = _launches(lambda: torch.autograd.grad(out, ws, [torch.ones_like(o) for o in out]))
+        assert back == groups * ["cudaMemsetAsync", "sn_backward_dot_kernel<float>",
+                                 "sn_backward_scale_kernel<float>"], back
+        assert len(_launches(lambda: ops.spectral_normalize(ws, us, vs, n_iter, 1e-12, False))) == 3 * groups
+
+
+@emulated
+def test_launches_per_call_of_clip(on_device):
+    """README: weight clipping in one launch per dtype (per 64 tensors)."""
+    tensors = [_dev(torch.randn(7, 3).to(DTYPES[i % 2])) for i in range(70)]
+    names = _launches(lambda: lipkernels.clip_weights_(tensors, 0.1))
+    assert sorted(names) == sorted(["multi_tensor_kernel<float, true>",
+                                    "multi_tensor_kernel<__nv_bfloat16, true>"]), names
+
+
 # ================================================================== everywhere: build and info
 
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))

@@ -131,14 +131,13 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 
 namespace lk_emu {
 
-// The built-in variables of the lane now running on this OS thread.
-struct LaneView {
-  uint3 thread_idx;
-  uint3 block_idx;
-  dim3 block_dim;
-  dim3 grid_dim;
-};
-extern thread_local const LaneView* tls_lane;
+// The built-in variables of the lane now running on this OS thread. Read through these
+// functions (defined in the uninstrumented executor, returning copies), so that a kernel
+// compiled under ThreadSanitizer never reads the runtime's own memory.
+uint3 thread_idx();
+uint3 block_idx();
+dim3 block_dim();
+dim3 grid_dim();
 
 [[noreturn]] void fatal(const char* what);
 
@@ -178,10 +177,10 @@ const char* kernel_name() {
 
 // ---------------------------------------------------------------- built-in variables
 
-#define threadIdx (::lk_emu::tls_lane->thread_idx)
-#define blockIdx (::lk_emu::tls_lane->block_idx)
-#define blockDim (::lk_emu::tls_lane->block_dim)
-#define gridDim (::lk_emu::tls_lane->grid_dim)
+#define threadIdx (::lk_emu::thread_idx())
+#define blockIdx (::lk_emu::block_idx())
+#define blockDim (::lk_emu::block_dim())
+#define gridDim (::lk_emu::grid_dim())
 constexpr int warpSize = 32;
 
 // ---------------------------------------------------------------- synchronisation

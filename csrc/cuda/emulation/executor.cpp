@@ -34,6 +34,10 @@
 
 #if defined(LK_EMU_TSAN)
 #include <sanitizer/tsan_interface.h>
+// Exported by the TSan runtime, not declared by its header: while on, the calling thread's
+// (fiber's) accesses, and the allocations it makes, are not recorded.
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
 #endif
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -95,9 +99,18 @@ extern "C" void lk_emu_fiber_start();
 
 namespace lk_emu {
 
-thread_local const LaneView* tls_lane = nullptr;
-
 namespace {
+
+// The built-in variables of a lane.
+struct LaneView {
+  uint3 thread_idx;
+  uint3 block_idx;
+  dim3 block_dim;
+  dim3 grid_dim;
+};
+
+// The lane now running on this OS thread (set by its warp's scheduler).
+thread_local const LaneView* tls_lane = nullptr;
 
 // ---------------------------------------------------------------- configuration
 
@@ -121,9 +134,13 @@ struct Config {
   size_t stack_bytes = static_cast<size_t>(env_long("LIPKERNELS_EMU_STACK_KB", 256, 64, 65536)) * 1024;
 };
 
+// The runtime's singletons are made when the library is loaded, by the loading thread,
+// before any pool thread exists (and never destroyed: detached pool threads may outlive
+// exit). A function-local static would be initialised by whichever pool thread came first,
+// through a guard ThreadSanitizer cannot see in this uninstrumented file.
 const Config& config() {
-  static const Config c;
-  return c;
+  static const Config* c = new Config();
+  return *c;
 }
 
 constexpr size_t kMaxDynamicSmem = 48 * 1024;  // the default limit without cudaFuncSetAttribute
@@ -148,16 +165,24 @@ inline void tsan_release(const void*) {}
 inline void tsan_acquire(const void*) {}
 #endif
 
+// While one lives, ThreadSanitizer records nothing the current thread or fiber does
+// (allocations then start with a clean history): for the runtime's own work done on a
+// lane's fiber.
+struct TsanIgnore {
+#if defined(LK_EMU_TSAN)
+  TsanIgnore() { __tsan_ignore_thread_begin(); }
+  ~TsanIgnore() { __tsan_ignore_thread_end(); }
+#endif
+};
+
 // Ranges that ThreadSanitizer must see as fresh (never written): shared memory.
 void* fresh_alloc(size_t bytes) {
-#if defined(LK_EMU_TSAN)
-  __tsan_ignore_thread_begin();
-#endif
-  void* p = std::malloc(bytes == 0 ? 1 : bytes);
-  if (p && bytes) std::memset(p, kSharedPoison, bytes);
-#if defined(LK_EMU_TSAN)
-  __tsan_ignore_thread_end();
-#endif
+  void* p;
+  {
+    TsanIgnore ignore;
+    p = std::malloc(bytes == 0 ? 1 : bytes);
+    if (p && bytes) std::memset(p, kSharedPoison, bytes);
+  }
 #if defined(LK_EMU_ASAN)
   // A zero-byte request: any access is out of bounds.
   if (p && bytes == 0) ASAN_POISON_MEMORY_REGION(p, 1);
@@ -169,13 +194,8 @@ void fresh_free(void* p) {
 #if defined(LK_EMU_ASAN)
   if (p) ASAN_UNPOISON_MEMORY_REGION(p, 1);
 #endif
-#if defined(LK_EMU_TSAN)
-  __tsan_ignore_thread_begin();
-#endif
+  TsanIgnore ignore;
   std::free(p);
-#if defined(LK_EMU_TSAN)
-  __tsan_ignore_thread_end();
-#endif
 }
 
 // A spin lock invisible to ThreadSanitizer (uninstrumented atomics): the runtime's own
@@ -290,36 +310,38 @@ char g_tsan_fence = 0;
 
 // ---------------------------------------------------------------- fiber stacks
 
-class StackPool {
- public:
-  char* get() {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      if (!free_.empty()) {
-        char* s = free_.back();
-        free_.pop_back();
-        return s;
-      }
-    }
+// The 32 lane stacks (and, under ThreadSanitizer, lane fibers) of a pool thread, made on
+// first use and reused for every warp the thread runs: lane i of every warp a thread runs
+// is the same TSan fiber on the same stack. (So TSan orders lane i of a block before lane
+// i of a later block run by the same thread, and misses a race between just those two;
+// fresh fibers and stacks per block would cost ~1 ms per lane.)
+struct LaneResources {
+  char* stack[32] = {};
+#if defined(LK_EMU_TSAN)
+  void* fiber[32] = {};
+#endif
+};
+
+thread_local LaneResources tls_resources;
+
+char* lane_stack(int i) {
+  char*& s = tls_resources.stack[i];
+  if (s == nullptr) {
     void* p = mmap(nullptr, config().stack_bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) fatal("cannot map a fiber stack");
-    return static_cast<char*>(p);
+    s = static_cast<char*>(p);
   }
-  void put(char* s) {
-    std::lock_guard<std::mutex> g(mu_);
-    free_.push_back(s);
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<char*> free_;
-};
-
-StackPool& stacks() {
-  static StackPool* p = new StackPool();  // never destroyed: pool threads may outlive exit
-  return *p;
+  return s;
 }
+
+#if defined(LK_EMU_TSAN)
+void* lane_fiber(int i) {
+  void*& f = tls_resources.fiber[i];
+  if (f == nullptr) f = __tsan_create_fiber(0);
+  return f;
+}
+#endif
 
 void lane_main(Lane* l);
 
@@ -392,6 +414,10 @@ void lane_main(Lane* l) {
   __sanitizer_finish_switch_fiber(nullptr, &l->warp->asan_sched_bottom, &l->warp->asan_sched_size);
 #endif
   Launch& launch = *l->warp->block->launch;
+  // What the launcher wrote (the kernel's arguments, its inputs) happens before the lane
+  // runs. Nothing else does: the lane reads the runtime's memory only in this file, which
+  // TSan does not watch, and never acquires from its scheduler (which, having freed
+  // earlier blocks, would order those blocks before this one).
   tsan_acquire(&launch.tsan_begin);
   launch.kernel(launch.ctx);
   tsan_release(&launch.tsan_end);
@@ -574,6 +600,8 @@ void run_warp(Warp& w) {
 #if defined(LK_EMU_TSAN)
   w.tsan_sched_fiber = __tsan_get_current_fiber();
 #endif
+  tls_lane = nullptr;
+  counters::tls_counter = nullptr;
   for (int i = 0; i < w.nlanes; ++i) {
     Lane& l = w.lanes[i];
     l = Lane{};
@@ -585,9 +613,9 @@ void run_warp(Warp& w) {
     l.view.block_idx = b.idx;
     l.view.block_dim = launch.block;
     l.view.grid_dim = launch.grid;
-    l.stack = stacks().get();
+    l.stack = lane_stack(i);
 #if defined(LK_EMU_TSAN)
-    l.tsan_fiber = __tsan_create_fiber(0);
+    l.tsan_fiber = lane_fiber(i);
 #endif
     make_context(&l);
   }
@@ -624,12 +652,6 @@ void run_warp(Warp& w) {
   }
   block_warp_exited(w);
   w.counter.end();
-  for (int i = 0; i < w.nlanes; ++i) {
-    stacks().put(w.lanes[i].stack);
-#if defined(LK_EMU_TSAN)
-    __tsan_destroy_fiber(w.lanes[i].tsan_fiber);
-#endif
-  }
 }
 
 // ---------------------------------------------------------------- the thread pool
@@ -672,9 +694,12 @@ class Pool {
 };
 
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: its detached threads outlive exit
+  static Pool* p = new Pool();
   return *p;
 }
+
+// Made at load time (see config()).
+const bool g_singletons_made = (config(), pool(), true);
 
 void start_next_block(Launch& launch, int slot);
 
@@ -714,7 +739,13 @@ void start_next_block(Launch& launch, int slot) {
     w->index = wi;
     pool().submit([w, b] {
       run_warp(*w);
-      if (b->warps_running.fetch_sub(1) == 1) finish_block(b);
+      // The block is freed by its last warp's thread: what the others did to it happens
+      // before (for ThreadSanitizer, which cannot see this file's atomics).
+      tsan_release(b);
+      if (b->warps_running.fetch_sub(1) == 1) {
+        tsan_acquire(b);
+        finish_block(b);
+      }
     });
   }
 }
@@ -722,6 +753,11 @@ void start_next_block(Launch& launch, int slot) {
 }  // namespace
 
 // ---------------------------------------------------------------- public entry points
+
+uint3 thread_idx() { return current_lane().view.thread_idx; }
+uint3 block_idx() { return current_lane().view.block_idx; }
+dim3 block_dim() { return current_lane().view.block_dim; }
+dim3 grid_dim() { return current_lane().view.grid_dim; }
 
 void fatal(const char* what) {
   std::fprintf(stderr, "\nlipkernels CUDA emulation: %s\n", what);
@@ -781,6 +817,7 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int arg, int wi
 
 void* shared_var(const SharedDecl* decl) {
   Block& b = *current_lane().warp->block;
+  TsanIgnore ignore;  // the table's allocations, on a lane's fiber
   std::lock_guard<SpinLock> g(b.shared_lock);
   for (auto& s : b.shared)
     if (s.first == decl) return s.second;
