@@ -42,7 +42,9 @@ cmake-build: build/cmake/liblipkernels.so
 # kernels are compiled here on their own (the .cu files include no torch header) for
 # every architecture of NVCC_ARCHS, warnings as errors, with the half-type flags torch
 # builds with; each object's per-architecture cubins are kept beside it
-# (build/nvcc/<name>.sm_80.cubin, ...; tests/test_cuda.py checks them). The binding
+# (build/nvcc/<name>.sm_80.cubin, ...; tests/test_cuda.py checks them), and ptxas's
+# report of every kernel's registers, spills and shared memory (build/nvcc/<name>.ptxas.txt,
+# read by `lipkernels bench --gpu-model`). The binding
 # (cuda/bindings.cpp), which needs torch's headers, gets a syntax check against the
 # installed torch's headers. No nvcc: skipped with a message, or an error when
 # LIPKERNELS_REQUIRE_NVCC=1 (CI sets it).
@@ -72,7 +74,10 @@ cuda-objects: $(CUDA_OBJECTS) build/nvcc/bindings.syntax-ok
 
 build/nvcc/%.o: csrc/cuda/%.cu $(CUDA_HEADERS)
 	@rm -rf build/nvcc/$*.keep build/nvcc/$*.sm_*.cubin && mkdir -p build/nvcc/$*.keep
-	$(NVCC) $(NVCC_FLAGS) -keep -keep-dir build/nvcc/$*.keep -c $< -o $@.tmp
+	$(NVCC) $(NVCC_FLAGS) -Xptxas -v -keep -keep-dir build/nvcc/$*.keep -c $< -o $@.tmp 2> build/nvcc/$*.ptxas.tmp \
+	  || (cat build/nvcc/$*.ptxas.tmp; exit 1)
+	@grep -v "^ptxas info\|^    [0-9]* bytes stack" build/nvcc/$*.ptxas.tmp >&2 || true
+	@mv build/nvcc/$*.ptxas.tmp build/nvcc/$*.ptxas.txt
 	@for a in $(NVCC_ARCHS); do \
 	  cubin=$$(ls build/nvcc/$*.keep/*_$$a.cubin 2>/dev/null | head -1); \
 	  if [ -z "$$cubin" ]; then echo "cuda-check: no sm_$$a cubin from $<" >&2; exit 1; fi; \

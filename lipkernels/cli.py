@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import sys
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -148,6 +150,13 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.gpu_model:
+        from .benchmark import gpu_model
+        out = None if args.no_save else os.path.join(args.output or os.path.join("bench", "results"),
+                                                     "gpu-model-" + datetime.date.today().isoformat() + ".json")
+        if out:
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+        return gpu_model.main(["--out", out] if out else [])
     from . import benchmark
     return benchmark.main(args)
 
@@ -166,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--output", help="folder of the results file (default bench/results)")
     bench.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     bench.add_argument("--no-save", action="store_true", help="print the table only")
+    bench.add_argument("--gpu-model", action="store_true",
+                       help="instead: what each GPU kernel will cost, counted without a GPU (a model, "
+                            "not a measurement; needs the emulation build, make build/emu/liblipkernels.so)")
     bench.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     torch.manual_seed(0)

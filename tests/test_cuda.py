@@ -675,6 +675,64 @@ def test_launches_per_call_of_clip(on_device):
                                     "multi_tensor_kernel<__nv_bfloat16, true>"]), names
 
 
+# ================================================================== traffic, counted by the emulation
+
+def _traffic_counted() -> bool:
+    if not EMULATED:
+        return False
+    from lipkernels.benchmark import counting
+    return counting.cuda_traffic_counted()
+
+
+traffic = pytest.mark.skipif(not _traffic_counted(), reason=(
+    "traffic is counted by the traffic-counting emulation build (build/emu; the sanitizer builds "
+    "and real GPUs do not count it)"))
+
+
+@traffic
+@pytest.mark.parametrize("shape,offset,efficiency", [((8, 3, 32, 32), 0, 0.999), ((8, 3, 33, 35), 1, 0.9)])
+def test_traffic_of_the_per_sample_ops(on_device, shape, offset, efficiency):
+    """The counters against closed forms: the forward loads g once (every byte, no more)
+    and stores a norm and an output per sample; the backward loads g once and stores dL/dg
+    once; 16-byte loads fill their sectors (samples off a 16-byte boundary: all but each
+    sample's scalar head and tail)."""
+    from lipkernels.benchmark import counting
+    g = _offset(shape, torch.float32, offset).requires_grad_(True)
+    gbytes = g.numel() * 4
+    with counting.record("cuda") as fwd:
+        out = ops.gradient_penalty(g)
+    (call,) = fwd.calls
+    assert call.load_bytes == call.load_unique_bytes == gbytes
+    assert gbytes <= call.dram_load_bytes <= gbytes + 2 * 32 * shape[0]
+    assert call.store_bytes == shape[0] * (4 + 4)  # norm and (n - 1)^2, float32
+    assert call.load_efficiency >= efficiency
+    with counting.record("cuda") as bwd:
+        torch.autograd.grad(out, g)
+    (call,) = bwd.calls
+    # per block: the sample's partial first and last sectors, and its grad_out, f, norm
+    assert call.store_bytes == gbytes and gbytes <= call.dram_load_bytes <= gbytes + 5 * 32 * shape[0]
+
+
+@traffic
+def test_traffic_of_spectral_norm(on_device):
+    """By the DRAM model: one power iteration reads W once (plus the partial sums passed
+    between its two kernels, counted as scratch); the backward reads G twice and W once and
+    writes dL/dW (docs/math.md section 8)."""
+    from lipkernels.benchmark import counting
+    ws, us, vs = _layers(SNGAN, torch.float32, requires_grad=True)
+    wbytes = sum(w.numel() * 4 for w in ws)
+    with counting.record("cuda") as rec:
+        ops.power_iteration(ws, us, vs, 1)
+    dram = rec.total("dram_load_bytes") + rec.total("dram_store_bytes")
+    scratch = rec.total("dram_scratch_bytes")
+    assert wbytes <= dram - scratch <= 1.1 * wbytes, (dram, scratch, wbytes)
+    out = ops.spectral_normalize(ws, us, vs, 1, 1e-12, True)
+    with counting.record("cuda") as rec:
+        torch.autograd.grad(out, ws, [torch.ones_like(o) for o in out])
+    dram = rec.total("dram_load_bytes") + rec.total("dram_store_bytes")
+    assert 4 * wbytes <= dram <= 4.05 * wbytes, dram / wbytes
+
+
 # ================================================================== everywhere: build and info
 
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))

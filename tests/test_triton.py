@@ -281,3 +281,45 @@ def test_cuda_graph_capture_of_a_spectral_norm_step():
         assert_close(a, e, dtype=torch.float32, what="replayed gradient")
     for a, e in zip(us + vs, u0 + v0):
         assert_close(a, e, dtype=torch.float32, what="replayed u, v update")
+
+
+# ------------------------------------------------------------------ launches per call
+
+interpreted_only = pytest.mark.skipif(ON_GPU, reason=(
+    "launches are counted under the interpreter (on a GPU, `lipkernels bench` counts them "
+    "with the profiler)"))
+
+
+def _names(fn):
+    from lipkernels.benchmark import counting
+    with counting.record("triton") as rec:
+        fn()
+    return rec.names()
+
+
+@interpreted_only
+def test_launches_per_call_match_the_readme():
+    """README: per-sample ops 2 launches forward, 1 backward; spectral norm of a whole list
+    of layers 3 per power iteration + 1 for W_sn (evaluation: 2 + 1), backward 2,
+    independent of the number of layers (the updated u, v are stored by one
+    torch._foreach_copy_, a torch kernel the interpreter does not see)."""
+    g = torch.randn(4, 3, 8, 8, requires_grad=True)
+    f = torch.randn(4, requires_grad=True)
+    for name, (op, _, uses_f) in OPS.items():
+        out = []
+        assert _names(lambda: out.append(op(f, g))) == ["_sumsq_kernel", "_finish_kernel"], name
+        assert _names(lambda: torch.autograd.grad(out[0].sum(), g)) == ["_scale_kernel"], name
+    for n_layers in (2, 5):
+        shapes = [(8 + i, 3 + 2 * i) for i in range(n_layers)]
+        ws, us, vs = spectral_layers(shapes, torch.float32, requires_grad=True)
+        for n in (0, 1, 3):
+            expected = ["_uwv_kernel", "_sigma_kernel"] if n == 0 else \
+                n * ["_rows_kernel", "_columns_kernel", "_finish_kernel"]
+            assert _names(lambda: ops.power_iteration(ws, us, vs, n)) == expected
+        out = []
+        assert _names(lambda: out.extend(ops.spectral_normalize(ws, us, vs, 2))) == \
+            2 * ["_rows_kernel", "_columns_kernel", "_finish_kernel"] + ["_divide_kernel"]
+        assert _names(lambda: torch.autograd.grad(out, ws, [torch.ones_like(o) for o in out])) == \
+            ["_grad_dot_kernel", "_grad_kernel"]
+        assert _names(lambda: ops.spectral_normalize(ws, us, vs, 1, training=False)) == \
+            ["_uwv_kernel", "_sigma_kernel", "_divide_kernel"]

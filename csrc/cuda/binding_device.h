@@ -81,6 +81,11 @@ class DeviceMemory {
   E* out(const at::Tensor& t) {
     return reinterpret_cast<E*>(map(t, true));
   }
+  // A workspace of the kernels (their traffic to it is counted apart).
+  template <typename E>
+  E* scratch(const at::Tensor& t) {
+    return reinterpret_cast<E*>(map(t, true, true));
+  }
 
  private:
   struct Buffer {
@@ -101,7 +106,7 @@ class DeviceMemory {
     return static_cast<size_t>(last + 1) * t.element_size();
   }
 
-  char* map(const at::Tensor& t, bool write) {
+  char* map(const at::Tensor& t, bool write, bool scratch = false) {
     char* p = static_cast<char*>(write ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr()));
     if (t.numel() == 0) return p;
     const size_t bytes = span_bytes(t);
@@ -128,7 +133,7 @@ class DeviceMemory {
       ASAN_POISON_MEMORY_REGION(b.shadow, mis);
 #endif
     }
-    lk_emu::counters::register_device_range(b.device_ptr, bytes);
+    lk_emu::counters::register_device_range(b.device_ptr, bytes, scratch);
     buffers_.push_back(b);
     return b.device_ptr;
   }
@@ -159,6 +164,10 @@ class DeviceMemory {
   template <typename E>
   E* out(const at::Tensor& t) {
     return reinterpret_cast<E*>(t.mutable_data_ptr());
+  }
+  template <typename E>
+  E* scratch(const at::Tensor& t) {
+    return out<E>(t);
   }
 };
 

@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
                      cptr<scalar_t>(dev, c.g), c.B, c.N, use_f ? cptr<scalar_t>(dev, c.f) : nullptr,
                      use_f ? c.f.stride(0) : 0, c.e, static_cast<A>(param), dev.out<A>(c.norm),
                      out_acc ? nullptr : mptr<scalar_t>(dev, c.out), out_acc ? dev.out<A>(c.out) : nullptr,
-                     np > 0 ? dev.out<A>(partials) : nullptr, current_stream()),
+                     np > 0 ? dev.scratch<A>(partials) : nullptr, current_stream()),
                  op);
   });
   return {c.out, c.norm};
@@ -142,7 +142,7 @@ at::Tensor sample_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
     const int64_t np = cuda::sample_partials<T>(c.B, c.N);
     const at::Tensor partials = at::empty({np}, c.a.options().dtype(acc_type_of(c.a.scalar_type())));
     check_launch(cuda::sample_dot<T>(cptr<scalar_t>(dev, c.a), cptr<scalar_t>(dev, c.b), c.B, c.N,
-                               mptr<scalar_t>(dev, c.out), np > 0 ? dev.out<A>(partials) : nullptr,
+                               mptr<scalar_t>(dev, c.out), np > 0 ? dev.scratch<A>(partials) : nullptr,
                                current_stream()),
                  op);
   });
@@ -202,7 +202,7 @@ void launch_sn_forward(DeviceMemory& dev, const std::vector<at::Tensor>& weights
   const at::Tensor ws =
       workspace_tensor(cuda::sn_forward_workspace<T>(layers.data(), L, n_power_iterations), weights[0]);
   check_launch(cuda::sn_forward<T>(layers.data(), L, n_power_iterations, static_cast<A>(eps),
-                                   dev.out<A>(sigmas), dev.out<unsigned char>(ws), current_stream()),
+                                   dev.out<A>(sigmas), dev.scratch<unsigned char>(ws), current_stream()),
                op);
 }
 
@@ -290,7 +290,7 @@ std::vector<at::Tensor> sn_backward(at::TensorList grads_in, at::TensorList weig
     const int64_t L = static_cast<int64_t>(layers.size());
     const at::Tensor ws = workspace_tensor(cuda::sn_backward_workspace<T>(layers.data(), L), c.weights[0]);
     check_launch(cuda::sn_backward<T>(layers.data(), L, dev.in<A>(sigmas), static_cast<A>(eps),
-                                dev.out<unsigned char>(ws), current_stream()),
+                                dev.scratch<unsigned char>(ws), current_stream()),
                  op);
   });
   return c.outs;

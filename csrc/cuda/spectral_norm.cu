@@ -72,6 +72,7 @@ struct SnEntry {
   int32_t group;          // threads per row in the pass: 32, 64, 128 or 256
   int32_t acc_global;     // the pass accumulates W^T t in scratch (k too wide for shared memory)
   int32_t vec;            // W 16-byte aligned and k a multiple of the pack: 16-byte loads in the pass
+  int32_t vec_v;          // ... and v_in, v 16-byte aligned too: v read in 16-byte packs as well
   uint32_t div_magic;     // row of a flat index: (umulhi(i, magic) + i) >> shift = i / k
   uint32_t div_shift;
 };
@@ -131,13 +132,21 @@ __device__ __forceinline__ A group_allreduce(A v, int G, A* red) {
 // sum_j row_j v_j over the thread's columns.
 template <typename T>
 __device__ __forceinline__ acc_t<T> row_dot(const T* __restrict__ row, const T* __restrict__ v,
-                                            int64_t k, int lane, int G, bool vec) {
+                                            int64_t k, int lane, int G, bool vec, bool vec_v) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   const int64_t nq = (k + V - 1) / V;
   A d = A(0);
-  if (vec) {
-#pragma unroll 4
+  if (vec_v) {
+#pragma unroll 2
+    for (int64_t q = lane; q < nq; q += G) {
+      const Pack<T> p = load_pack(row + q * V);
+      const Pack<T> pv = load_pack(v + q * V);
+#pragma unroll
+      for (int c = 0; c < V; ++c) d += to_acc(p.v[c]) * to_acc(pv.v[c]);
+    }
+  } else if (vec) {
+#pragma unroll 2
     for (int64_t q = lane; q < nq; q += G) {
       const Pack<T> p = load_pack(row + q * V);
 #pragma unroll
@@ -163,7 +172,7 @@ __device__ __forceinline__ void row_axpy(const T* __restrict__ row, acc_t<T> t, 
   constexpr int V = kVec<T>;
   const int64_t nq = (k + V - 1) / V;
   if (vec) {
-#pragma unroll 4
+#pragma unroll 2
     for (int64_t q = lane; q < nq; q += G) {
       const Pack<T> p = load_pack(row + q * V);
 #pragma unroll
@@ -182,11 +191,13 @@ __device__ __forceinline__ void row_axpy(const T* __restrict__ row, acc_t<T> t, 
 
 // ---------------------------------------------------------------- kernels
 
-// One pass over the rows of a pass item. kSigmaOnly: part[item] = sum_r u_in[r] t_r.
+// One pass over the rows of a pass item. At most 64 registers (4 blocks per SM: 50 %
+// occupancy on sm_80 / sm_90) without spills: the row loops are unrolled twice, not four
+// times (ptxas, left to choose, capped this kernel at 64 registers and spilled). kSigmaOnly: part[item] = sum_r u_in[r] t_r.
 // Otherwise: tbuf[r] = t_r, part[item] = sum_r t_r^2, and the item's (k,) partial
 // sum_r t_r W_r in scratch; zeroes the layer's counter for the col-reduce that follows.
 template <typename T, bool kSigmaOnly>
-__global__ void __launch_bounds__(kThreads) sn_pass_kernel(const __grid_constant__ SnTable<T> tab) {
+__global__ void __launch_bounds__(kThreads, 4) sn_pass_kernel(const __grid_constant__ SnTable<T> tab) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   LK_EXTERN_SHARED(unsigned char, smem_raw, 16);
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) sn_pass_kernel(const __grid_constant
     const int64_t r = r0 + rd * NG + grp;
     const bool active = r < r1;
     A dot = A(0);
-    if (active) dot = row_dot(e.w + r * k, v, k, lane, G, vec);
+    if (active) dot = row_dot(e.w + r * k, v, k, lane, G, vec, e.vec_v != 0);
     const A t = group_allreduce(dot, G, red);  // every thread of the block
     if (active) {
       if constexpr (kSigmaOnly) {
@@ -497,6 +508,8 @@ bool plan_group(const SnLayer<T>* layers, int L, Mode mode, int sms, GroupPlan<T
     if (!e.acc_global && need > smem) smem = need;
     e.group = G;
     e.vec = (reinterpret_cast<uintptr_t>(ly.w) % 16 == 0 && k % V == 0) ? 1 : 0;
+    e.vec_v = (e.vec && reinterpret_cast<uintptr_t>(ly.v_in) % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(ly.v) % 16 == 0) ? 1 : 0;
     int_divider(static_cast<uint32_t>(k), &e.div_magic, &e.div_shift);
     e.scratch_off = scratch;
     e.t_off = tsz;

@@ -14,7 +14,13 @@ sectors its loads touch).
   program (on a GPU that load is spread over the program's warps; for the contiguous
   blocks these kernels load, the fraction of fetched bytes used is the same).
 
-Both give a list of :class:`KernelCall`.
+Both give a list of :class:`KernelCall`, with three views of the traffic:
+
+* requested: the bytes every lane (or every masked-in element) asked for;
+* coalescing: per warp-wide access (per ``tl.load``), the distinct bytes used over the
+  bytes of the 32-byte sectors touched;
+* the DRAM model: every block (program) fetches each sector it touches once, its own
+  re-reads served by the caches, nothing shared between blocks; stores likewise.
 """
 from __future__ import annotations
 
@@ -36,9 +42,13 @@ class KernelCall:
     load_bytes: int = 0
     store_bytes: int = 0
     load_requests: int = 0
+    load_unique_bytes: int = 0
     load_sectors: int = 0
     store_requests: int = 0
     store_sectors: int = 0
+    dram_load_bytes: int = 0
+    dram_store_bytes: int = 0
+    dram_scratch_bytes: int = 0   # of the DRAM bytes, those of workspace buffers (CUDA only)
     error: int = 0
 
     @property
@@ -46,15 +56,16 @@ class KernelCall:
         return self.name == "cudaMemsetAsync"
 
     @property
-    def bytes(self) -> int:
-        return self.load_bytes + self.store_bytes
+    def dram_bytes(self) -> int:
+        """Traffic by the DRAM model (see the module's docstring)."""
+        return self.dram_load_bytes + self.dram_store_bytes
 
     @property
     def load_efficiency(self) -> float:
-        """Bytes the loads asked for over the bytes of the sectors they touched (1: every
-        fetched byte is used)."""
+        """The distinct bytes the loads used over the bytes of the sectors they touched, per
+        warp-wide access (1: every fetched byte is used)."""
         fetched = 32 * self.load_sectors
-        return self.load_bytes / fetched if fetched else 1.0
+        return self.load_unique_bytes / fetched if fetched else 1.0
 
 
 @dataclass
@@ -117,10 +128,7 @@ def _record_cuda() -> Iterator[Record]:
         emu._emu_set_recording(False)
         for r in json.loads(emu._emu_take_records()):
             rec.calls.append(KernelCall(name=r["name"], grid=tuple(r["grid"]), block=tuple(r["block"]),
-                                        dynamic_smem=r["dynamic_smem"], load_bytes=r["load_bytes"],
-                                        store_bytes=r["store_bytes"], load_requests=r["load_requests"],
-                                        load_sectors=r["load_sectors"], store_requests=r["store_requests"],
-                                        store_sectors=r["store_sectors"], error=r["error"]))
+                                        **{k: v for k, v in r.items() if k not in ("name", "grid", "block")}))
 
 
 @contextlib.contextmanager
@@ -133,10 +141,19 @@ def _record_triton() -> Iterator[Record]:
 
     rec = Record("triton")
     current: List[KernelCall] = []
+    program = {"loads": set(), "stores": set()}  # the sectors of the running program
     builder = interpreter.InterpreterBuilder
     orig_run = interpreter.InterpretedFunction.run
     orig_load = builder.create_masked_load
     orig_store = builder.create_masked_store
+    orig_grid_idx = builder.set_grid_idx
+
+    def end_program():
+        if current:
+            current[-1].dram_load_bytes += 32 * len(program["loads"])
+            current[-1].dram_store_bytes += 32 * len(program["stores"])
+        program["loads"].clear()
+        program["stores"].clear()
 
     def run(self, *args, grid, warmup, **kwargs):
         if warmup:
@@ -149,8 +166,13 @@ def _record_triton() -> Iterator[Record]:
         try:
             return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
         finally:
+            end_program()
             current.pop()
             rec.calls.append(call)
+
+    def set_grid_idx(self, x, y, z):
+        end_program()  # the interpreter runs the programs one after the other
+        return orig_grid_idx(self, x, y, z)
 
     def account(ptrs, mask, store: bool):
         if not current:
@@ -162,15 +184,18 @@ def _record_triton() -> Iterator[Record]:
         if addr.size == 0:
             return
         size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
-        sectors = int(np.unique(np.concatenate([addr // 32, (addr + size - 1) // 32])).size)
+        sectors = np.unique(np.concatenate([addr // 32, (addr + size - 1) // 32]))
         if store:
             call.store_bytes += int(addr.size) * size
             call.store_requests += 1
-            call.store_sectors += sectors
+            call.store_sectors += int(sectors.size)
+            program["stores"].update(sectors.tolist())
         else:
             call.load_bytes += int(addr.size) * size
+            call.load_unique_bytes += int(np.unique(addr).size) * size
             call.load_requests += 1
-            call.load_sectors += sectors
+            call.load_sectors += int(sectors.size)
+            program["loads"].update(sectors.tolist())
 
     def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
         account(ptrs, mask, False)
@@ -183,9 +208,11 @@ def _record_triton() -> Iterator[Record]:
     interpreter.InterpretedFunction.run = run
     builder.create_masked_load = masked_load
     builder.create_masked_store = masked_store
+    builder.set_grid_idx = set_grid_idx
     try:
         yield rec
     finally:
         interpreter.InterpretedFunction.run = orig_run
         builder.create_masked_load = orig_load
         builder.create_masked_store = orig_store
+        builder.set_grid_idx = orig_grid_idx

@@ -18,7 +18,8 @@ std::atomic<bool> g_recording{false};
 std::atomic<uint64_t> g_launches{0};
 std::mutex g_mu;                     // guards g_records and g_ranges
 std::vector<LaunchRecord> g_records;
-std::map<uintptr_t, uintptr_t> g_ranges;  // begin -> end
+std::map<uintptr_t, std::pair<uintptr_t, bool>> g_ranges;  // begin -> (end, scratch)
+constexpr uint64_t kScratchBit = uint64_t(1) << 63;
 
 void append(LaunchRecord r) {
   std::lock_guard<std::mutex> g(g_mu);
@@ -46,11 +47,13 @@ std::vector<LaunchRecord> take_records() {
   return out;
 }
 
-void register_device_range(const void* p, size_t bytes) {
+void register_device_range(const void* p, size_t bytes, bool scratch) {
   if (p == nullptr || bytes == 0) return;
   std::lock_guard<std::mutex> g(g_mu);
   const uintptr_t b = reinterpret_cast<uintptr_t>(p);
-  g_ranges[b] = std::max(g_ranges.count(b) ? g_ranges[b] : b, b + bytes);
+  auto it = g_ranges.find(b);
+  const uintptr_t end = std::max(it != g_ranges.end() ? it->second.first : b, b + bytes);
+  g_ranges[b] = {end, scratch};
 }
 
 void unregister_device_range(const void* p) {
@@ -79,6 +82,7 @@ void record_memset(const void* p, size_t bytes) {
   r.store_bytes = bytes;
   r.store_requests = 1;
   r.store_sectors = (bytes + 31) / 32;
+  r.dram_store_bytes = 32 * r.store_sectors;
   append(std::move(r));
 }
 
@@ -90,7 +94,8 @@ void LaunchCounter::begin(const char* name) {
   totals_.name = name;
   if (active_) {
     std::lock_guard<std::mutex> g(g_mu);
-    ranges.assign(g_ranges.begin(), g_ranges.end());
+    ranges.clear();
+    for (const auto& kv : g_ranges) ranges.push_back({kv.first, kv.second.first, kv.second.second});
   }
 }
 
@@ -99,9 +104,41 @@ void LaunchCounter::add(const LaunchRecord& p) {
   totals_.load_bytes += p.load_bytes;
   totals_.store_bytes += p.store_bytes;
   totals_.load_requests += p.load_requests;
+  totals_.load_unique_bytes += p.load_unique_bytes;
   totals_.load_sectors += p.load_sectors;
   totals_.store_requests += p.store_requests;
   totals_.store_sectors += p.store_sectors;
+  totals_.dram_load_bytes += p.dram_load_bytes;
+  totals_.dram_store_bytes += p.dram_store_bytes;
+  totals_.dram_scratch_bytes += p.dram_scratch_bytes;
+}
+
+// ---------------------------------------------------------------- per block
+
+namespace {
+// Sorts v and keeps one of each value; returns how many.
+uint64_t distinct(std::vector<uint64_t>& v) {
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v.size();
+}
+}  // namespace
+
+void LaunchCounter::add_sectors(const std::vector<uint64_t>& loads, const std::vector<uint64_t>& stores) {
+  std::lock_guard<std::mutex> g(mu_);
+  loads_.insert(loads_.end(), loads.begin(), loads.end());
+  stores_.insert(stores_.end(), stores.begin(), stores.end());
+}
+
+void LaunchCounter::finish_dram() {
+  totals_.dram_load_bytes = 32 * distinct(loads_);
+  totals_.dram_store_bytes = 32 * distinct(stores_);
+  totals_.dram_scratch_bytes = 0;
+  for (const auto* v : {&loads_, &stores_})
+    for (uint64_t s : *v)
+      if (s & kScratchBit) totals_.dram_scratch_bytes += 32;
+  loads_.clear();
+  stores_.clear();
 }
 
 void LaunchCounter::end() {
@@ -109,7 +146,8 @@ void LaunchCounter::end() {
   ranges.clear();
 }
 
-void finish_launch(const LaunchCounter& c, dim3 grid, dim3 block, size_t smem) {
+void finish_launch(LaunchCounter& c, dim3 grid, dim3 block, size_t smem) {
+  if (c.active()) c.finish_dram();
   g_launches.fetch_add(1);
   if (!recording()) return;
   LaunchRecord r;
@@ -120,6 +158,10 @@ void finish_launch(const LaunchCounter& c, dim3 grid, dim3 block, size_t smem) {
   r.load_bytes = c.totals().load_bytes;
   r.store_bytes = c.totals().store_bytes;
   r.load_requests = c.totals().load_requests;
+  r.load_unique_bytes = c.totals().load_unique_bytes;
+  r.dram_load_bytes = c.totals().dram_load_bytes;
+  r.dram_store_bytes = c.totals().dram_store_bytes;
+  r.dram_scratch_bytes = c.totals().dram_scratch_bytes;
   r.load_sectors = c.totals().load_sectors;
   r.store_requests = c.totals().store_requests;
   r.store_sectors = c.totals().store_sectors;
@@ -130,6 +172,8 @@ void finish_launch(const LaunchCounter& c, dim3 grid, dim3 block, size_t smem) {
 
 void WarpCounter::begin(LaunchCounter* launch, int nlanes) {
   launch_ = launch;
+  block_loads_.clear();
+  block_stores_.clear();
   nlanes_ = nlanes;
   lane_ = 0;
   executions_.clear();
@@ -140,14 +184,26 @@ void WarpCounter::begin(LaunchCounter* launch, int nlanes) {
 }
 
 void WarpCounter::finish(Group& g) {
-  std::sort(g.sectors.begin(), g.sectors.end());
-  const uint64_t n = static_cast<uint64_t>(std::unique(g.sectors.begin(), g.sectors.end()) - g.sectors.begin());
+  // Distinct bytes (lanes reading the same address share them) and sectors.
+  std::sort(g.ranges.begin(), g.ranges.end());
+  uint64_t unique = 0, end = 0;
+  std::vector<uint64_t> sectors;
+  for (const auto& r : g.ranges) {
+    const uint64_t b = std::max(r.first, end);
+    if (r.second > b) unique += r.second - b;
+    end = std::max(end, r.second);
+    for (uint64_t s = r.first / 32; s <= (r.second - 1) / 32; ++s) sectors.push_back(s);
+  }
+  const uint64_t n = distinct(sectors);
+  auto& block = g.store ? block_stores_ : block_loads_;
+  for (uint64_t i = 0; i < n; ++i) block.push_back(g.scratch ? sectors[i] | kScratchBit : sectors[i]);
   if (g.store) {
     part_.store_bytes += g.bytes;
     part_.store_requests += 1;
     part_.store_sectors += n;
   } else {
     part_.load_bytes += g.bytes;
+    part_.load_unique_bytes += unique;
     part_.load_requests += 1;
     part_.load_sectors += n;
   }
@@ -158,6 +214,7 @@ void WarpCounter::end() {
     for (auto& kv : open_) finish(kv.second);
     open_.clear();
     launch_->add(part_);
+    launch_->add_sectors(block_loads_, block_stores_);
   }
   tls_counter = nullptr;
 }
@@ -165,10 +222,11 @@ void WarpCounter::end() {
 void WarpCounter::access(const void* addr, size_t size, bool store, const void* pc) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
   const auto& r = launch_->ranges;
-  auto it = std::upper_bound(r.begin(), r.end(), std::make_pair(a, UINTPTR_MAX));
+  auto it = std::upper_bound(r.begin(), r.end(), a,
+                             [](uintptr_t x, const LaunchCounter::Range& y) { return x < y.begin; });
   if (it == r.begin()) return;
   --it;
-  if (a >= it->second) return;  // not device memory
+  if (a >= it->end) return;  // not device memory
   auto& ex = executions_[pc];
   if (ex.empty()) ex.assign(32, 0);
   const uint32_t k = ex[lane_]++;
@@ -176,9 +234,10 @@ void WarpCounter::access(const void* addr, size_t size, bool store, const void* 
   const uint64_t key = (static_cast<uint64_t>(pci) << 32) | k;
   Group& g = open_[key];
   g.store = store;
+  g.scratch = it->scratch;
   g.lanes |= 1u << lane_;
   g.bytes += size;
-  for (uint64_t s = a / 32; s <= (a + size - 1) / 32; ++s) g.sectors.push_back(s);
+  g.ranges.emplace_back(a, a + size);
   if (__builtin_popcount(g.lanes) == nlanes_) {
     finish(g);
     open_.erase(key);

@@ -30,15 +30,19 @@ std::string take_records() {
   std::string s = "[";
   bool first = true;
   for (const auto& r : lk_emu::counters::take_records()) {
-    char buf[512];
+    char buf[768];
     std::snprintf(buf, sizeof buf,
                   "\"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], \"dynamic_smem\": %zu, \"error\": %d, "
                   "\"load_bytes\": %llu, \"store_bytes\": %llu, \"load_requests\": %llu, "
-                  "\"load_sectors\": %llu, \"store_requests\": %llu, \"store_sectors\": %llu}",
+                  "\"load_sectors\": %llu, \"store_requests\": %llu, \"store_sectors\": %llu, "
+                  "\"load_unique_bytes\": %llu, \"dram_load_bytes\": %llu, \"dram_store_bytes\": %llu, "
+                  "\"dram_scratch_bytes\": %llu}",
                   r.grid[0], r.grid[1], r.grid[2], r.block[0], r.block[1], r.block[2], r.dynamic_smem,
                   r.error, (unsigned long long)r.load_bytes, (unsigned long long)r.store_bytes,
                   (unsigned long long)r.load_requests, (unsigned long long)r.load_sectors,
-                  (unsigned long long)r.store_requests, (unsigned long long)r.store_sectors);
+                  (unsigned long long)r.store_requests, (unsigned long long)r.store_sectors,
+                  (unsigned long long)r.load_unique_bytes, (unsigned long long)r.dram_load_bytes,
+                  (unsigned long long)r.dram_store_bytes, (unsigned long long)r.dram_scratch_bytes);
     s += (first ? "" : ", ") + std::string("{\"name\": ") + json_string(r.name) + ", " + buf;
     first = false;
   }
