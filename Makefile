@@ -15,7 +15,7 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/
 # cmake from the machine, else from PyPI into the virtualenv.
 CMAKE := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
-.PHONY: install test bench cmake-build cuda-check cuda-objects check clean emu-test emu-asan-test emu-tsan-test
+.PHONY: install test bench cmake-build cuda-check cuda-objects check clean emu-test sanitize sanitize-asan sanitize-tsan
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -103,8 +103,8 @@ build/nvcc/bindings.syntax-ok: csrc/cuda/bindings.cpp csrc/cuda/kernels.h csrc/b
 #   build/emu       plain (-O2), with the memory-access hooks that count traffic
 #   build/emu-asan  AddressSanitizer + UndefinedBehaviorSanitizer
 #   build/emu-tsan  ThreadSanitizer (every lane a TSan fiber: a missing __syncthreads is a race)
-# Each test run loads one with LIPKERNELS_LIBRARY and tests only the cuda backend
-# (LIPKERNELS_TEST_BACKENDS=cuda); a sanitizer's runtime is preloaded (python is not
+# A test run loads one with LIPKERNELS_LIBRARY (emu-test: testing only the cuda backend,
+# LIPKERNELS_TEST_BACKENDS=cuda); a sanitizer's runtime is preloaded (python is not
 # instrumented), and any report fails the run.
 comma := ,
 emu_sanitize = $(if $(filter emu-asan,$(1)),address$(comma)undefined,$(if $(filter emu-tsan,$(1)),thread,))
@@ -123,17 +123,31 @@ TSAN_RUNTIME = $$($(CXX) -print-file-name=libtsan.so)
 emu-test: install build/emu/liblipkernels.so
 	$(call emu_env,emu) $(PY) -m pytest tests -q -rs -p no:cacheprovider
 
-# The whole CUDA suite under AddressSanitizer + UndefinedBehaviorSanitizer.
-emu-asan-test: install build/emu-asan/liblipkernels.so
-	LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  $(call emu_env,emu-asan) $(PY) -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
+# ---- Sanitizers (CI runs `make sanitize` after `make test`). The build/emu-asan and
+# build/emu-tsan libraries hold the CPU kernels and the output cache too, built with the
+# same sanitizers.
+ASAN_ENV = LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+# Triton's own tests do not touch the library; the CUDA suite runs in the CUDA step.
+CPU_SUITE_SKIP = --ignore=tests/test_cuda.py --ignore=tests/test_triton.py --ignore=tests/test_triton_compile.py
 
-# ThreadSanitizer on a subset: every kernel at least once, with several blocks and a
-# partial last block (torch and the CPU kernels single-threaded: OpenMP is not TSan-aware).
-emu-tsan-test: install build/emu-tsan/liblipkernels.so
+# AddressSanitizer + UndefinedBehaviorSanitizer: the whole CUDA suite on the emulated
+# kernels, then the CPU test suite on the CPU kernels and the output cache.
+sanitize-asan: install build/emu-asan/liblipkernels.so
+	$(ASAN_ENV) $(call emu_env,emu-asan) $(PY) -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
+	$(ASAN_ENV) LIPKERNELS_LIBRARY=$(CURDIR)/build/emu-asan/liblipkernels.so LIPKERNELS_TEST_BACKENDS=cpu \
+	  $(PY) -m pytest tests -q -rs -p no:cacheprovider $(CPU_SUITE_SKIP)
+
+# ThreadSanitizer on a subset (-m tsan_subset): every CUDA kernel once with several blocks
+# and a partial last block, and the CPU and emulated CUDA kernels called from several
+# Python threads at once. OpenMP is not TSan-aware: torch and the CPU kernels run with one
+# OpenMP thread (the concurrency comes from the Python threads).
+sanitize-tsan: install build/emu-tsan/liblipkernels.so
 	LD_PRELOAD=$(TSAN_RUNTIME) TSAN_OPTIONS=halt_on_error=1:exitcode=66 OMP_NUM_THREADS=1 \
-	  $(call emu_env,emu-tsan) $(PY) -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider -m tsan_subset
+	  LIPKERNELS_LIBRARY=$(CURDIR)/build/emu-tsan/liblipkernels.so \
+	  $(PY) -m pytest tests/test_cuda.py tests/test_concurrency.py -q -rs -p no:cacheprovider -m tsan_subset
+
+sanitize: sanitize-asan sanitize-tsan
 
 test: cuda-check install cmake-build emu-test
 	LIPKERNELS_REQUIRE_CMAKE=1 $(PY) -m pytest tests -q -rs

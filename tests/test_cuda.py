@@ -586,7 +586,7 @@ ALL_KERNELS = {
 def test_every_kernel_with_several_blocks_and_a_partial_last_block(on_device):
     """Every kernel, with grids of several blocks whose last block has a partial chunk,
     span, item or warp, against the reference: the subset that CI runs under
-    ThreadSanitizer (make emu-tsan-test); in the emulation build the launch records
+    ThreadSanitizer (make sanitize-tsan); in the emulation build the launch records
     show that every kernel ran, on more than one block."""
     # Samples of 5000 float32: 2 chunks of 16 KiB each, the second partial; 9 samples:
     # the finishing kernel's second block has one warp's sample of 8.

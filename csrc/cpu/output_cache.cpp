@@ -13,6 +13,18 @@
 #include <sys/mman.h>
 #endif
 
+// Under AddressSanitizer a cached block is poisoned while it waits in the cache (a use of
+// an output after it was freed is reported) and, when handed out, only the output's own
+// bytes are unpoisoned (an access past its end, into the block's rounding, is reported).
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define LK_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define LK_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define LK_POISON(p, n) ((void)(p), (void)(n))
+#define LK_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 namespace lipkernels {
 namespace cpu {
 namespace {
@@ -76,15 +88,18 @@ void give_back(void* ptr, int64_t bytes) {
     // Make room, largest blocks first; free this one if it still does not fit.
     while (!p.free_blocks.empty() && p.cached + bytes > limit_bytes()) {
       auto last = std::prev(p.free_blocks.end());
+      LK_UNPOISON(last->second, last->first);
       std::free(last->second);
       p.cached -= last->first;
       p.free_blocks.erase(last);
     }
     if (p.cached + bytes > limit_bytes()) {
+      LK_UNPOISON(ptr, bytes);
       std::free(ptr);
       return;
     }
   }
+  LK_POISON(ptr, bytes);
   p.free_blocks.emplace(bytes, ptr);
   p.cached += bytes;
 }
@@ -98,6 +113,8 @@ at::Tensor empty_output_like(const at::Tensor& g) {
   const int64_t rounded = block_size(bytes);
   void* ptr = take(rounded);
   if (!ptr) return at::empty_like(g);
+  LK_POISON(ptr, rounded);
+  LK_UNPOISON(ptr, bytes);
   return at::from_blob(
       ptr, g.sizes(), g.strides(), [rounded](void* p) { give_back(p, rounded); },
       g.options().requires_grad(false));
@@ -112,7 +129,10 @@ int64_t output_cache_bytes() {
 void output_cache_clear() {
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mu);
-  for (auto& kv : p.free_blocks) std::free(kv.second);
+  for (auto& kv : p.free_blocks) {
+    LK_UNPOISON(kv.second, kv.first);
+    std::free(kv.second);
+  }
   p.free_blocks.clear();
   p.cached = 0;
 }
