@@ -414,11 +414,36 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def update_readme(readme: str = os.path.join(ROOT, "README.md")) -> str:
+    """Put the newest bench/results/gpu-model-*.md between the README's gpu-model markers."""
+    found = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "gpu-model-*.md")))
+    if not found:
+        raise FileNotFoundError("no bench/results/gpu-model-*.md: run lipkernels bench --gpu-model first")
+    with open(found[-1]) as f:
+        body = f.read()
+    with open(readme) as f:
+        text = f.read()
+    start, end = "<!-- gpu-model -->", "<!-- /gpu-model -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} markers")
+    rel = os.path.relpath(found[-1], ROOT)
+    text = (text[:text.index(start) + len(start)] + f"\n`{rel}` (and its .json)\n\n" + body
+            + text[text.index(end):])
+    with open(readme, "w") as f:
+        f.write(text)
+    return found[-1]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lipkernels bench --gpu-model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--measure", choices=["cuda", "triton"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help="write the report (JSON) here; also a .md beside it")
+    parser.add_argument("--readme", action="store_true",
+                        help="put the newest bench/results/gpu-model-*.md into README.md and exit")
     args = parser.parse_args(argv)
+    if args.readme:
+        print("README.md updated from", update_readme())
+        return 0
     if args.measure:
         rows = run_cases(args.measure)
         with open(args.out, "w") as f:

@@ -172,6 +172,8 @@ struct TsanIgnore {
 #if defined(LK_EMU_TSAN)
   TsanIgnore() { __tsan_ignore_thread_begin(); }
   ~TsanIgnore() { __tsan_ignore_thread_end(); }
+#else
+  TsanIgnore() {}  // (user-provided: no unused-variable warning)
 #endif
 };
 
