@@ -272,6 +272,21 @@ def test_a_case_that_stays_disturbed_is_marked_in_every_output(monkeypatch, tmp_
     assert bars and all(p.get_hatch() for p in bars)
 
 
+def test_re_measuring_is_bounded_by_the_run_s_allowance(monkeypatch):
+    spent = benchmark._Spent(0.5)
+    spent.first_s, spent.again_s = 100.0, 79.0
+    assert spent.may_remeasure() and not spent.ran_out
+    spent.again_s = 80.0                  # half the first measurements' time + 30 s: spent
+    assert not spent.may_remeasure() and spent.ran_out
+    measured = _synthetic(monkeypatch, disturbed_measurements=99)
+    monkeypatch.setattr(benchmark._Spent, "may_remeasure", lambda self: False)
+    results = benchmark.run("quick", log=lambda *a: None, progress=False)
+    assert measured["n"] == 1
+    row = results["results"][0]
+    assert not row["stable"] and row["attempts"] == 1
+    assert "not measured again: the run's time for re-measuring is spent" in row["unstable_reasons"]
+
+
 def test_progress_bar_on_request_and_quiet_off_a_terminal(monkeypatch, capsys):
     _synthetic(monkeypatch, disturbed_measurements=0)
     benchmark.run("quick", log=lambda *a: None, progress=True)

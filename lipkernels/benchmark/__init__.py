@@ -98,6 +98,57 @@ def _rows(case, fns, inter, alone, verdict, attempts, launches, copy_bw) -> List
     return rows
 
 
+class _Spent:
+    """Seconds spent measuring, first measurements and re-measurements apart: the run
+    re-measures while re-measuring has taken less than ``share`` of the first
+    measurements' time plus 30 s, so that a busy machine lengthens a run by about
+    ``share`` at most."""
+
+    def __init__(self, share: float):
+        self.share, self.first_s, self.again_s, self.remeasured, self.ran_out = share, 0.0, 0.0, 0, False
+
+    def may_remeasure(self) -> bool:
+        ok = self.again_s < self.share * self.first_s + 30.0
+        self.ran_out |= not ok
+        return ok
+
+
+def _until_stable(case, fns, dev, p: cases_mod.Preset, status, say, spent: _Spent):
+    """Measures a case up to ``p.attempts`` times, until a measurement is stable (and
+    while the run's re-measuring allowance lasts); returns the best measurement (the
+    stable one, else the least disturbed) and the number of measurements made."""
+    best = None
+    label = f"{case.name} {case.shape}"
+    attempt = 0
+    while attempt < p.attempts:
+        attempt += 1
+        if attempt > 1:
+            if not spent.may_remeasure():
+                best[2].reasons.append("not measured again: the run's time for re-measuring is spent")
+                attempt -= 1
+                break
+            spent.remeasured += 1
+            say(f"  {label}: unstable ({'; '.join(best[2].reasons)[:160]}), measuring again "
+                f"({attempt}/{p.attempts})")
+            time.sleep(0.5)  # a burst of load on the machine may pass
+        t0 = time.perf_counter()
+        n = attempt
+        inter, alone, verdict = _measure(case, fns, dev, p,
+                                         lambda w: status(w if n == 1 else f"#{n} {w}"))
+        if attempt == 1:
+            spent.first_s += time.perf_counter() - t0
+        else:
+            spent.again_s += time.perf_counter() - t0
+        if best is None or verdict.badness < best[2].badness:
+            best = (inter, alone, verdict)
+        if verdict.stable:
+            break
+    inter, alone, verdict = best
+    if not verdict.stable:
+        say(f"  {label}: UNSTABLE after {attempt} measurement(s): {'; '.join(verdict.reasons)[:200]}")
+    return inter, alone, verdict, attempt
+
+
 def run(preset: str = "default", only: Optional[str] = None, device: Optional[str] = None,
         log=print, progress: Optional[bool] = None) -> dict:
     """Run a preset; returns the results (provenance and one row per case and
@@ -115,7 +166,7 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
     bar = _progress(len(selected), progress)
     say = bar.write if bar is not None else (lambda *_: None)   # quiet off a terminal
     rows: List[dict] = []
-    remeasured = 0
+    spent = _Spent(p.remeasure_share)
     for case in selected:
         label = f"{case.name} {case.shape}"
         case_started = time.perf_counter()
@@ -139,23 +190,7 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
             if bar is not None:
                 bar.update(1)
             continue
-        best = None
-        for attempt in range(1, p.attempts + 1):
-            if attempt > 1:
-                remeasured += 1
-                say(f"  {label}: unstable ({'; '.join(best[2].reasons)[:160]}), measuring again "
-                    f"({attempt}/{p.attempts})")
-                time.sleep(0.5)  # a burst of load on the machine may pass
-            status(f"attempt {attempt}/{p.attempts}" if attempt > 1 else "measuring")
-            inter, alone, verdict = _measure(case, fns, dev, p,
-                                             lambda w: status(w if attempt == 1 else f"#{attempt} {w}"))
-            if best is None or verdict.badness < best[2].badness:
-                best = (inter, alone, verdict, attempt)
-            if verdict.stable:
-                break
-        inter, alone, verdict, _ = best
-        if not verdict.stable:
-            say(f"  {label}: UNSTABLE after {attempt} measurements: {'; '.join(verdict.reasons)[:200]}")
+        inter, alone, verdict, attempt = _until_stable(case, fns, dev, p, status, say, spent)
         status("counting launches")
         launches = {name: timing.count_launches(fn, dev) for name, fn in fns.items()}
         new = _rows(case, fns, inter, alone, verdict, attempt, launches, copy_bw)
@@ -174,7 +209,8 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
     meta = report.provenance(dev, preset, copy_bw)
     unstable = list(dict.fromkeys(f"{r['case']} {r['shape']}" for r in rows
                                   if "skipped" not in r and not r["stable"]))
-    meta.update({"elapsed_s": time.perf_counter() - started, "remeasured": remeasured,
+    meta.update({"elapsed_s": time.perf_counter() - started, "remeasured": spent.remeasured,
+                 "remeasure_seconds": spent.again_s, "remeasure_budget_ran_out": spent.ran_out,
                  "unstable_cases": unstable, "all_stable": not unstable,
                  "load_average_before": load_before,
                  "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -52,7 +52,9 @@ class Preset:
                         # the quick preset's 3 give a 75% one, which its table says)
     max_rounds: int
     warmup: int         # rounds before the timed ones
-    attempts: int       # measurements of a case at most (re-measured while unstable)
+    attempts: int       # measurements of a case at most (re-measured while unstable) ...
+    remeasure_share: float  # ... while re-measuring has taken less than this share of the
+                            # first measurements' time (+ 30 s)
     compile_baseline: bool
     copy_megabytes: int
 
@@ -62,19 +64,19 @@ def preset(name: str, device: torch.device) -> Preset:
     if name == "quick":
         return Preset("quick", ["sngan_cnn", "resnet"], [(64, 3, 32, 32)], 2, (8, 16, 16, 32),
                       budget_s=0.0, min_rounds=3, max_rounds=3, warmup=1, attempts=1,
-                      compile_baseline=False, copy_megabytes=64)
+                      remeasure_share=0.0, compile_baseline=False, copy_megabytes=64)
     if name == "default":
         shapes = [(64, 3, 32, 32), (64, 128, 16, 16), (256, 3, 128, 128)]
         return Preset("default", ["sngan_cnn", "resnet", "biggan"], shapes, 64 if gpu else 16, None,
-                      budget_s=1.0 if gpu else 0.6, min_rounds=15 if gpu else 9,
+                      budget_s=1.0 if gpu else 0.5, min_rounds=15 if gpu else 9,
                       max_rounds=500 if gpu else 200, warmup=5 if gpu else 1, attempts=3,
-                      compile_baseline=True, copy_megabytes=1024 if gpu else 256)
+                      remeasure_share=0.5, compile_baseline=True, copy_megabytes=1024 if gpu else 256)
     if name == "full":
         shapes = [(64, 3, 32, 32), (64, 128, 16, 16), (8, 3, 256, 256), (256, 3, 128, 128)]
         return Preset("full", ["sngan_cnn", "resnet", "biggan"], shapes, 64, None,
                       budget_s=5.0 if gpu else 3.0, min_rounds=51 if gpu else 21,
                       max_rounds=2000 if gpu else 1000, warmup=10 if gpu else 3, attempts=3,
-                      compile_baseline=True, copy_megabytes=2048 if gpu else 512)
+                      remeasure_share=1.0, compile_baseline=True, copy_megabytes=2048 if gpu else 512)
     raise ValueError(f"unknown preset {name!r}: quick, default or full")
 
 

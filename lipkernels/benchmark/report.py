@@ -2,6 +2,7 @@
 
     python -m lipkernels.benchmark.report [FILE]     print a results file as markdown
     python -m lipkernels.benchmark.report --readme   put the newest CPU and GPU tables into README.md
+    ... --results DIR --readme FILE                  the same from another results folder, into FILE
 """
 from __future__ import annotations
 
@@ -229,8 +230,9 @@ def _markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def summary(results: dict) -> str:
-    """One paragraph: time taken, cases re-measured, cases still unstable."""
+def summary(results: dict, width: Optional[int] = WIDTH) -> str:
+    """One paragraph: time taken, cases re-measured, cases still unstable (wrapped to
+    ``width`` columns, or one line)."""
     meta = results["provenance"]
     groups = [(k, rows) for k, rows in _groups(results) if any("skipped" not in r for r in rows)]
     unstable = [f"{case} {shape}" for (kind, case, shape), rows in groups if _case_reasons(rows)]
@@ -239,12 +241,15 @@ def summary(results: dict) -> str:
         text += f" in {meta['elapsed_s'] / 60:.1f} min"
     if meta.get("remeasured"):
         text += f"; {meta['remeasured']} re-measurement(s) of disturbed cases"
+    if meta.get("remeasure_budget_ran_out"):
+        text += " (then the run's time for re-measuring was spent)"
     if unstable:
-        text += (f"; {len(unstable)} case(s) UNSTABLE (marked ! above; not clean numbers, measure "
-                 f"again on a quiet machine): " + ", ".join(unstable))
+        named = ", ".join(unstable[:4]) + (f" and {len(unstable) - 4} more" if len(unstable) > 4 else "")
+        text += (f"; {len(unstable)} case(s) UNSTABLE (marked as such; not clean numbers, measure "
+                 f"again on a quiet machine): {named}")
     else:
         text += "; every case stable"
-    return "\n".join(_wrap(text))
+    return text if width is None else "\n".join(_wrap(text))
 
 
 LEGEND = ("inter. (interleaved): all implementations of a case called in turn, one call each per "
@@ -260,6 +265,21 @@ LEGEND = ("inter. (interleaved): all implementations of a case called in turn, o
           "operator calls (CPU); !: unstable, the case stayed disturbed (process off CPU, threads "
           "waiting for a CPU, calls stretched to scheduler ticks) or spread out (IQR over 25%) "
           "after re-measuring: not a clean number")
+
+
+MARKDOWN_LEGEND = ("median (IQR), min: of the calls' times with all implementations of a case called "
+                   "in turn, one call each per round (each call finds its data evicted by the others); "
+                   "IQR = interquartile range over the median; speedup = median over rounds of "
+                   "baseline time / time, with the confidence interval of that median (order "
+                   "statistics; the header gives the lowest coverage of any row); alone: each "
+                   "implementation called repeatedly by itself (data warm in cache), its speedup the "
+                   "ratio of the medians with the interval the two medians' intervals give; % copy "
+                   "bw: bytes the cost model says must move / median (interleaved), over the copy "
+                   "bandwidth measured in the same run on buffers larger than the cache (above 100% "
+                   "when the data fits in cache); launches: CUDA kernel launches per call (GPU) or "
+                   "top-level operator calls (CPU); stable: no when the case stayed disturbed "
+                   "(process off CPU, threads waiting for a CPU, calls stretched to scheduler ticks) "
+                   "or spread out (IQR over 25%) after re-measuring: not a clean number")
 
 
 def _stem(meta: dict) -> str:
@@ -368,7 +388,9 @@ def plot_figure(results: dict):
                 y += 0.4
             ax.set_xscale("log")
             ax.set_xlim(lo, hi)
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            decades = math.log10(hi / lo)
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades < 2.5 else
+                                                  ((1.0, 3.0) if decades < 4 else (1.0,))))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_ylim(y - 0.2, -0.8)
@@ -406,10 +428,10 @@ def plot_figure(results: dict):
     return fig
 
 
-def newest(kind: str) -> Optional[str]:
+def newest(kind: str, results_dir: Optional[str] = None) -> Optional[str]:
     """The newest default-or-full results file of a kind ('cpu' or 'gpu')."""
     best = None
-    for path in glob.glob(os.path.join(RESULTS, "*.json")):
+    for path in glob.glob(os.path.join(results_dir or RESULTS, "*.json")):
         with open(path) as f:
             meta = json.load(f)["provenance"]
         if ("gpu" if meta.get("device_type") == "cuda" else "cpu") != kind or meta.get("preset") == "quick":
@@ -419,21 +441,26 @@ def newest(kind: str) -> Optional[str]:
     return best[1] if best else None
 
 
-def update_readme(readme: str = os.path.join(REPO, "README.md")) -> None:
+def update_readme(readme: Optional[str] = None, results_dir: Optional[str] = None) -> None:
+    """Puts the newest CPU and GPU results of ``results_dir`` (default bench/results)
+    between the ``<!-- bench:cpu -->`` / ``<!-- bench:gpu -->`` markers of ``readme``
+    (default the repository's README.md): paths, plot, provenance, the Markdown table
+    with its unstable rows marked, the legend and the run's summary."""
+    readme = readme or os.path.join(REPO, "README.md")
     with open(readme) as f:
         text = f.read()
     for kind in ("cpu", "gpu"):
-        path = newest(kind)
+        path = newest(kind, results_dir)
         start, end = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
         if path is None or start not in text:
             continue
         with open(path) as f:
             results = json.load(f)
-        rel = os.path.relpath(path, REPO)
+        rel = os.path.relpath(path, os.path.dirname(os.path.abspath(readme)))
         block = f"`{rel}`" + (f", plot `{rel[:-5]}.png`" if os.path.exists(path[:-5] + ".png") else "")
         if os.path.exists(path[:-5] + ".png"):
             block += f"\n\n![{kind} benchmark]({rel[:-5]}.png)"
-        body = table(results, markdown=True) + "\n\n" + LEGEND + "\n\n" + " ".join(_wrap(summary(results)))
+        body = table(results, markdown=True) + "\n\n" + MARKDOWN_LEGEND + "\n\n" + summary(results, width=None)
         if not results["provenance"].get("all_stable", True):
             print(f"{rel}: unstable rows; the README marks them (stable: no)", file=sys.stderr)
         text = re.sub(re.escape(start) + ".*?" + re.escape(end),
@@ -445,15 +472,17 @@ def update_readme(readme: str = os.path.join(REPO, "README.md")) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lipkernels.benchmark.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", nargs="?")
-    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("path", nargs="?", help="a results file (default: the newest in the results folder)")
+    parser.add_argument("--readme", nargs="?", const="", metavar="FILE",
+                        help="put the newest tables into FILE (default README.md)")
+    parser.add_argument("--results", metavar="DIR", help="the results folder (default bench/results)")
     args = parser.parse_args(argv)
-    if args.readme:
-        update_readme()
+    if args.readme is not None:
+        update_readme(args.readme or None, args.results)
         return 0
-    path = args.path or newest("gpu") or newest("cpu")
+    path = args.path or newest("gpu", args.results) or newest("cpu", args.results)
     if path is None:
-        print("no results in bench/results/", file=sys.stderr)
+        print(f"no results in {args.results or RESULTS}", file=sys.stderr)
         return 1
     with open(path) as f:
         print(table(json.load(f), markdown=True))
