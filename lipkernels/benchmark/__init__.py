@@ -128,7 +128,7 @@ def _until_stable(case, fns, dev, p: cases_mod.Preset, status, say, spent: _Spen
                 attempt -= 1
                 break
             spent.remeasured += 1
-            say(f"  {label}: unstable ({'; '.join(best[2].reasons)[:160]}), measuring again "
+            say(f"  {label}: unstable ({best[2].reasons[0][:90]}...), measuring again "
                 f"({attempt}/{p.attempts})")
             time.sleep(0.5)  # a burst of load on the machine may pass
         t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def _until_stable(case, fns, dev, p: cases_mod.Preset, status, say, spent: _Spen
             break
     inter, alone, verdict = best
     if not verdict.stable:
-        say(f"  {label}: UNSTABLE after {attempt} measurement(s): {'; '.join(verdict.reasons)[:200]}")
+        say(f"  {label}: UNSTABLE after {attempt} measurement(s), marked as such")
     return inter, alone, verdict, attempt
 
 
@@ -164,7 +164,8 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
         f"{copy_bw / 1e9:.1f} GB/s (read + write)")
     selected = [c for c in cases_mod.all_cases(p, dev) if only is None or only in c.name or only in c.kind]
     bar = _progress(len(selected), progress)
-    say = bar.write if bar is not None else (lambda *_: None)   # quiet off a terminal
+    # notes above the bar, on stderr (stdout has the table); quiet off a terminal
+    say = (lambda msg: bar.write(msg[:200], file=sys.stderr)) if bar is not None else (lambda *_: None)
     rows: List[dict] = []
     spent = _Spent(p.remeasure_share)
     for case in selected:
