@@ -35,7 +35,7 @@ def _progress(total: int, enabled: Optional[bool]):
                 bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} cases [{elapsed}<{remaining}]")
 
 
-def _summary(s: noise.Samples, suffix: str = "") -> dict:
+def _stats(s: noise.Samples, suffix: str = "") -> dict:
     return {f"median{suffix}_ms": noise.median(s.wall) * 1e3,
             f"q1{suffix}_ms": noise.quantile(s.wall, 0.25) * 1e3,
             f"q3{suffix}_ms": noise.quantile(s.wall, 0.75) * 1e3,
@@ -73,11 +73,11 @@ def _rows(case, fns, inter, alone, verdict, attempts, launches, copy_bw) -> List
         lo, hi, cover = noise.median_interval(r, LEVEL)
         row = {"kind": case.kind, "case": case.name, "shape": case.shape, "impl": name,
                "baseline": name == case.baseline, "baseline_impl": case.baseline}
-        row.update(_summary(s))
+        row.update(_stats(s))
         row.update({"speedup": noise.median(r), "speedup_ci": [lo, hi], "speedup_ci_coverage": cover,
                     "speedup_iqr": [noise.quantile(r, 0.25), noise.quantile(r, 0.75)]})
         if alone:
-            row.update(_summary(alone[name], "_alone"))
+            row.update(_stats(alone[name], "_alone"))
             # Independent runs: the ratio of the medians, and the interval from the two
             # medians' intervals (coverage at least the product of theirs).
             b_lo, b_hi, b_cov = noise.median_interval(alone[case.baseline].wall, LEVEL)

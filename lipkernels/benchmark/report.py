@@ -127,17 +127,13 @@ def _iqr(r: dict, suffix: str = "") -> str:
     return f"{pct:.0f}%" if pct < 99.5 else ">99%"
 
 
-def _impl(r: dict) -> str:
-    return r["impl"]
-
-
 def _cells(r: dict, unit: bool = True) -> List[str]:
     """implementation, interleaved median, IQR, speedup (CI), alone median, IQR, speedup
     (CI), % copy bw, launches, stability flag."""
     if "skipped" in r:
-        return [_impl(r), "not run: " + r["skipped"][:70]]
+        return [r["impl"], "not run: " + r["skipped"][:70]]
     frac = f"{100 * r['bandwidth_fraction']:.0f}%" if r.get("bandwidth_fraction") else "-"
-    return [_impl(r), _ms(r["median_ms"], unit), _iqr(r), _speedup_ci(r, "speedup"),
+    return [r["impl"], _ms(r["median_ms"], unit), _iqr(r), _speedup_ci(r, "speedup"),
             _ms(r.get("median_alone_ms"), unit), _iqr(r, "_alone") if r.get("median_alone_ms") else "-",
             _speedup_ci(r, "speedup_alone"), frac, str(r["launches"]),
             "" if r.get("stable", True) else "!"]
