@@ -25,4 +25,4 @@ def test_bench(benchmark, case, impl):
     def call():
         fn()
         sync()
-    benchmark.pedantic(call, rounds=PRESET.rounds, warmup_rounds=PRESET.warmup, iterations=1)
+    benchmark.pedantic(call, rounds=PRESET.min_rounds, warmup_rounds=PRESET.warmup, iterations=1)

@@ -1,10 +1,16 @@
-"""The ``lipkernels`` command.
+"""The ``lipkernels`` command; ``USAGE`` is what ``lipkernels --help`` prints."""
+from __future__ import annotations
+
+USAGE = """\
+The lipkernels command.
 
     lipkernels info     versions, the compiled library, and every backend: available or why not
     lipkernels check    every available backend against the reference on random inputs
+                        (float64, float32, float16, bfloat16; every op, clip_ included)
     lipkernels bench    the benchmark suite (--quick for a smoke run, --full for more sizes)
+
+lipkernels COMMAND --help describes a command's options.
 """
-from __future__ import annotations
 
 import argparse
 import datetime
@@ -74,39 +80,64 @@ def cmd_info(args) -> int:
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.detach().double().cpu()
     b = b.detach().double().cpu()
+    if a.numel() == 0:
+        return 0.0
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+# Largest accepted max rel err of each dtype. float64 and float32 are compared with the
+# reference run in the same dtype; float16 and bfloat16 with the reference run in float64
+# on the same (rounded) inputs: the backends accumulate in float32 and round once, so
+# their error is a few units of the dtype's last place.
+CHECK_LIMITS = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+HALF = (torch.float16, torch.bfloat16)
+
+
 def _cases(device: torch.device, dtype: torch.dtype) -> List[Tuple[str, Callable]]:
-    """(name, make) with make(backend_or_None) -> list of tensors whose values and
-    gradients are compared."""
-    g0 = torch.randn(6, 3, 7, 5, device=device, dtype=dtype)
-    f0 = torch.randn(6, device=device, dtype=dtype)
+    """(name, make) with make(cast) -> list of tensors whose values and gradients are
+    compared; cast maps each input (of ``dtype``) to the dtype the run computes in."""
+    g0 = torch.randn(6, 3, 7, 5, device=device).to(dtype)
+    f0 = torch.randn(6, device=device).to(dtype)
     shapes = [(16, 3, 3, 3), (1, 40), (9, 4, 2, 2)]
-    w0 = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
-    u0 = [torch.nn.functional.normalize(torch.randn(s[0], device=device, dtype=dtype), dim=0) for s in shapes]
-    v0 = [torch.nn.functional.normalize(torch.randn(torch.Size(s[1:]).numel(), device=device, dtype=dtype), dim=0)
+    w0 = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    u0 = [torch.nn.functional.normalize(torch.randn(s[0], device=device), dim=0).to(dtype) for s in shapes]
+    v0 = [torch.nn.functional.normalize(torch.randn(torch.Size(s[1:]).numel(), device=device), dim=0).to(dtype)
           for s in shapes]
+    # clip_: a contiguous tensor, a transposed one (the multi-tensor path and the other)
+    c0 = [torch.randn(5, 7, device=device).to(dtype), torch.randn(4, 3, device=device).to(dtype).t()]
 
     def per_sample(fn):
-        def make():
-            g = g0.clone().requires_grad_(True)
-            f = f0.clone().requires_grad_(True)
+        def make(cast):
+            g = cast(g0).requires_grad_(True)
+            f = cast(f0).requires_grad_(True)
             out = fn(f, g)
             grads = torch.autograd.grad(out.sum(), (f, g), allow_unused=True)
             return [out] + [x for x in grads if x is not None]
         return make
 
     def spectral(training, n):
-        def make():
-            ws = [w.clone().requires_grad_(True) for w in w0]
-            us = [u.clone() for u in u0]
-            vs = [v.clone() for v in v0]
+        def make(cast):
+            ws = [cast(w).requires_grad_(True) for w in w0]
+            us = [cast(u) for u in u0]
+            vs = [cast(v) for v in v0]
             out = ops.spectral_normalize(ws, us, vs, n, 1e-12, training)
             seeds = [torch.ones_like(o).cumsum(-1) for o in out]
             grads = torch.autograd.grad(out, ws, seeds)
             return list(out) + list(grads) + us + vs
         return make
+
+    def power_iteration(n):
+        def make(cast):
+            us = [cast(u) for u in u0]
+            vs = [cast(v) for v in v0]
+            sigmas = ops.power_iteration([cast(w) for w in w0], us, vs, n, 1e-12)
+            return [sigmas] + us + vs
+        return make
+
+    def clip(make_cast):
+        ts = [make_cast(t) for t in c0]
+        ops.clip_(ts, 0.5)
+        return ts
 
     return [
         ("sample_norm", per_sample(lambda f, g: ops.sample_norm(g))),
@@ -114,13 +145,23 @@ def _cases(device: torch.device, dtype: torch.dtype) -> List[Tuple[str, Callable
         ("gran_normalize", per_sample(lambda f, g: ops.gran_normalize(f, g, 1e-3))),
         ("gradient_penalty", per_sample(lambda f, g: ops.gradient_penalty(g))),
         ("r1_penalty", per_sample(lambda f, g: ops.r1_penalty(g))),
+        ("power_iteration", power_iteration(2)),
         ("spectral_normalize train", spectral(True, 2)),
         ("spectral_normalize eval", spectral(False, 1)),
+        ("clip_", clip),
     ]
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy with t's strides (clip_ is checked on a transposed tensor too)."""
+    return t.clone()
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64).clone()
+
+
 def cmd_check(args) -> int:
-    limits = {torch.float64: 1e-9, torch.float32: 1e-4}
     rows = []
     failed = False
     for name in backends.available_backends():
@@ -128,24 +169,27 @@ def cmd_check(args) -> int:
             continue
         device = torch.device("cuda" if name in ("cuda", "triton") and torch.cuda.is_available()
                               else "cpu")
-        for dtype in (torch.float64, torch.float32):
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             for op, make in _cases(device, dtype):
                 with backends.use_backend("reference"):
-                    expected = make()
+                    expected = make(_float64 if dtype in HALF else _copy)
                 with backends.use_backend(name):
-                    actual = make()
+                    actual = make(_copy)
+                ok = all(a.dtype == e.dtype or dtype in HALF for a, e in zip(actual, expected))
                 err = max(_max_rel(a, e) for a, e in zip(actual, expected))
-                ok = err <= limits[dtype] and all(bool(torch.isfinite(a).all()) for a in actual)
+                ok &= err <= CHECK_LIMITS[dtype] and all(bool(torch.isfinite(a).all()) for a in actual)
                 failed |= not ok
                 rows.append((op, name, str(dtype).replace("torch.", ""), f"{err:.2e}", "ok" if ok else "FAIL"))
     header = ("op", "backend", "dtype", "max rel err", "")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     if not rows:
         print("no compiled backend is available:", backends.backend_status())
+    limits = ", ".join(f"{str(d).replace('torch.', '')} {v:g}" for d, v in CHECK_LIMITS.items())
     print("max rel err: the largest |backend - reference| over the largest |reference| of each "
-          "output and gradient; limits: float64 1e-9, float32 1e-4")
+          "output, gradient and updated vector; float16/bfloat16 against the reference computed "
+          f"in float64 on the same inputs; limits: {limits}")
     return 1 if failed else 0
 
 
@@ -162,11 +206,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lipkernels", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lipkernels", description=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled library, backends").set_defaults(fn=cmd_info)
-    sub.add_parser("check", help="every backend against the reference").set_defaults(fn=cmd_check)
+    sub.add_parser("check", help="every backend against the reference",
+                   description="Every available backend against the reference on random inputs: "
+                               "each op's outputs, gradients and updated vectors in float64, "
+                               "float32, float16 and bfloat16.").set_defaults(fn=cmd_check)
     bench = sub.add_parser("bench", help="the benchmark suite: ops, training steps, bandwidth")
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke run: small sizes, few rounds")

@@ -123,6 +123,11 @@ def test_cli_check(capsys):
     for backend in COMPILED_BACKENDS:
         assert backend in out
     assert "FAIL" not in out and "gn_normalize" in out
+    rows = [line.split() for line in out.splitlines()]
+    for backend in COMPILED_BACKENDS:   # every op in every dtype, the half types included
+        for op in ("gn_normalize", "power_iteration", "clip_"):
+            for dtype in ("float64", "float32", "float16", "bfloat16"):
+                assert [op, backend, dtype] in [r[:3] for r in rows], (op, backend, dtype)
 
 
 def test_console_script_installed():

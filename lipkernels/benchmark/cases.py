@@ -16,6 +16,7 @@ not apply); achieved bandwidth is bytes / median time.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Dict, List, Optional
 
@@ -46,8 +47,14 @@ class Preset:
     per_sample_shapes: List[tuple]
     batch: int
     gan_channels: Optional[tuple]   # None: the real SNGAN CNN widths
-    rounds: int
-    warmup: int
+    budget_s: float     # seconds of calls per case and regime: sets the rounds ...
+    min_rounds: int     # ... within these bounds (6 or more: a 95% interval of the median;
+                        # the quick preset's 3 give a 75% one, which its table says)
+    max_rounds: int
+    warmup: int         # rounds before the timed ones
+    attempts: int       # measurements of a case at most (re-measured while unstable) ...
+    remeasure_share: float  # ... while re-measuring has taken less than this share of the
+                            # first measurements' time (+ 30 s)
     compile_baseline: bool
     copy_megabytes: int
 
@@ -56,17 +63,20 @@ def preset(name: str, device: torch.device) -> Preset:
     gpu = device.type == "cuda"
     if name == "quick":
         return Preset("quick", ["sngan_cnn", "resnet"], [(64, 3, 32, 32)], 2, (8, 16, 16, 32),
-                      rounds=3, warmup=1, compile_baseline=False, copy_megabytes=64)
+                      budget_s=0.0, min_rounds=3, max_rounds=3, warmup=1, attempts=1,
+                      remeasure_share=0.0, compile_baseline=False, copy_megabytes=64)
     if name == "default":
         shapes = [(64, 3, 32, 32), (64, 128, 16, 16), (256, 3, 128, 128)]
         return Preset("default", ["sngan_cnn", "resnet", "biggan"], shapes, 64 if gpu else 16, None,
-                      rounds=50 if gpu else 15, warmup=5 if gpu else 3, compile_baseline=True,
-                      copy_megabytes=1024 if gpu else 256)
+                      budget_s=1.0 if gpu else 0.5, min_rounds=15 if gpu else 9,
+                      max_rounds=500 if gpu else 200, warmup=5 if gpu else 1, attempts=3,
+                      remeasure_share=0.5, compile_baseline=True, copy_megabytes=1024 if gpu else 256)
     if name == "full":
         shapes = [(64, 3, 32, 32), (64, 128, 16, 16), (8, 3, 256, 256), (256, 3, 128, 128)]
         return Preset("full", ["sngan_cnn", "resnet", "biggan"], shapes, 64, None,
-                      rounds=200 if gpu else 50, warmup=10, compile_baseline=True,
-                      copy_megabytes=2048 if gpu else 512)
+                      budget_s=5.0 if gpu else 3.0, min_rounds=51 if gpu else 21,
+                      max_rounds=2000 if gpu else 1000, warmup=10 if gpu else 3, attempts=3,
+                      remeasure_share=1.0, compile_baseline=True, copy_megabytes=2048 if gpu else 512)
     raise ValueError(f"unknown preset {name!r}: quick, default or full")
 
 
@@ -114,18 +124,29 @@ class _Weights(nn.Module):
         return [m.weight for m in self.layers]
 
 
-def _sn_model(key: str, norm, device) -> _Weights:
+def _sn_model(key: str, norm, device, cache: Dict[str, _Weights]) -> _Weights:
+    """The layers of discriminator ``key`` with ``norm`` applied to each, on ``device``.
+    The plain layers are built once per ``cache`` (initializing a BigGAN-scale model takes
+    seconds) and copied for each implementation."""
+    if key not in cache:
+        torch.manual_seed(0)
+        cache[key] = _Weights(_SN_MODELS[key][1](None))
+    model = copy.deepcopy(cache[key])
     torch.manual_seed(0)
-    return _Weights(_SN_MODELS[key][1](norm)).to(device)
+    if norm is not None:
+        for layer in model.layers:
+            norm(layer)
+    return model.to(device)
 
 
 def spectral_norm_cases(p: Preset, device: torch.device) -> List[Case]:
     cases = []
+    cache: Dict[str, _Weights] = {}
     for key in p.sn_models:
         label = _SN_MODELS[key][0]
         if p.name == "quick" and key == "biggan":
             continue
-        probe = _sn_model(key, None, device)
+        probe = _sn_model(key, None, device, cache)
         weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in probe.layers)
         n_layers = len(probe.layers)
         shape = f"{n_layers} layers, {weight_bytes / 2**20:.1f} MiB"
@@ -133,13 +154,13 @@ def spectral_norm_cases(p: Preset, device: torch.device) -> List[Case]:
 
         def torch_sn(mode, compiled=False, key=key):
             def build():
-                model = _sn_model(key, torch.nn.utils.parametrizations.spectral_norm, device)
+                model = _sn_model(key, torch.nn.utils.parametrizations.spectral_norm, device, cache)
                 return _sn_call(model, mode, compiled)
             return build
 
         def lk_sn(backend, mode, group=False, key=key):
             def build():
-                model = _sn_model(key, spectral_norm, device)
+                model = _sn_model(key, spectral_norm, device, cache)
                 if group:
                     SpectralNormGroup(model)
                 return _with_backend(backend, _sn_call(model, mode, False))
@@ -147,7 +168,7 @@ def spectral_norm_cases(p: Preset, device: torch.device) -> List[Case]:
 
         def lk_power_iteration(backend, key=key):
             def build():
-                model = _sn_model(key, spectral_norm, device)
+                model = _sn_model(key, spectral_norm, device, cache)
                 from ..ops import power_iteration
                 ws = [m.parametrizations.weight.original for m in model.layers]
                 us = [m.parametrizations.weight[0]._u for m in model.layers]
@@ -163,7 +184,7 @@ def spectral_norm_cases(p: Preset, device: torch.device) -> List[Case]:
         for mode, traffic in (("fwd", 3), ("fwd+bwd", 7)):
             impls = {"torch spectral_norm": torch_sn(mode)}
             if p.compile_baseline:
-                impls["torch spectral_norm + torch.compile"] = torch_sn(mode, compiled=True)
+                impls["torch spectral_norm, compiled"] = torch_sn(mode, compiled=True)
             impls["reference"] = lk_sn("reference", mode)
             for b in names:
                 impls[b] = lk_sn(b, mode)
