@@ -126,7 +126,10 @@ emu-test: install build/emu/liblipkernels.so
 # ---- Sanitizers (CI runs `make sanitize` after `make test`). The build/emu-asan and
 # build/emu-tsan libraries hold the CPU kernels and the output cache too, built with the
 # same sanitizers.
-ASAN_ENV = LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+# libstdc++ is preloaded with the runtime: python does not link it, and ASan's __cxa_throw
+# interceptor, set up before a C++ extension loads it, would abort on the first C++ throw.
+STDCXX_RUNTIME = $$($(CXX) -print-file-name=libstdc++.so)
+ASAN_ENV = LD_PRELOAD="$(ASAN_RUNTIME) $(STDCXX_RUNTIME)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 # Triton's own tests do not touch the library; the CUDA suite runs in the CUDA step.
 CPU_SUITE_SKIP = --ignore=tests/test_cuda.py --ignore=tests/test_triton.py --ignore=tests/test_triton_compile.py
