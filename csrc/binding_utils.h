@@ -41,12 +41,18 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
               " is on ", b.device(), "; both must be on the same device");
 }
 
-// The per-sample gradient g: rank >= 2, batch first, at least one sample.
+// The per-sample gradient g: rank >= 2, batch first (B = 0 is an empty batch).
 inline void check_batched(const at::Tensor& g, const char* op, const char* name) {
   check_floating(g, op, name);
   TORCH_CHECK(g.dim() >= 2, op, ": ", name,
               " must have shape (B, ...) with rank >= 2 (one row per sample), got rank ", g.dim());
-  TORCH_CHECK(g.size(0) >= 1, op, ": ", name, " must hold at least one sample, got batch size 0");
+}
+
+// Elements of one sample of a (B, ...) tensor (also for B = 0).
+inline int64_t sample_numel(const at::Tensor& g) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < g.dim(); ++d) n *= g.size(d);
+  return n;
 }
 
 // f: shape (B,), same dtype and device as g.

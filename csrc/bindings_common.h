@@ -27,6 +27,25 @@ namespace lipkernels {
 // An uninitialised tensor with the sizes and strides of a dense, non-overlapping t.
 using EmptyLike = at::Tensor (*)(const at::Tensor&);
 
+// A parameter the kernels convert to the accumulation type (float32 for float32 and
+// half-precision inputs) must stay finite there, and non-zero if it is non-zero: the
+// same check, and message, as lipkernels/ops/_validate.py's fits(). Thresholds: the
+// least |x| that rounds to Inf in float32 (FLT_MAX + half an ulp), the largest that
+// rounds to 0 (half the least subnormal).
+inline void check_param_fits(double x, at::ScalarType dtype, const char* op, const char* name) {
+  if (acc_type_of(dtype) == at::kDouble || x == 0 || x != x) return;
+  const double mag = x < 0 ? -x : x;
+  TORCH_CHECK(mag < 0x1.ffffffp+127, op, ": ", name, " = ", x,
+              " overflows float32, the dtype the op computes in for ", dtype, " inputs");
+  TORCH_CHECK(mag > 0x1p-150, op, ": ", name, " = ", x,
+              " underflows to 0 in float32, the dtype the op computes in for ", dtype, " inputs");
+}
+
+inline void check_epilogue_param(Epilogue e, double param, at::ScalarType dtype, const char* op) {
+  if (e == Epilogue::GraN) check_param_fits(param, dtype, op, "eps");
+  if (e == Epilogue::GP) check_param_fits(param, dtype, op, "center");
+}
+
 // ------------------------------------------------------------ per-sample norm family
 
 inline void check_epilogue_f(Epilogue e, const std::optional<at::Tensor>& f, const at::Tensor& g,
@@ -48,16 +67,18 @@ struct NormEpilogueCall {
 
 inline NormEpilogueCall prepare_norm_epilogue(const at::Tensor& g_in,
                                               const std::optional<at::Tensor>& f,
-                                              c10::string_view epilogue, const char* op) {
+                                              c10::string_view epilogue, double param,
+                                              const char* op) {
   check_batched(g_in, op, "g");
   const Epilogue e = parse_epilogue(epilogue);
   check_epilogue_f(e, f, g_in, epilogue, op);
+  check_epilogue_param(e, param, g_in.scalar_type(), op);
   NormEpilogueCall c;
   c.e = e;
   c.g = as_sample_blocks(g_in);
   if (epilogue_uses_f(e)) c.f = *f;
   c.B = c.g.size(0);
-  c.N = c.g.numel() / c.B;
+  c.N = sample_numel(c.g);
   const auto dtype = c.g.scalar_type();
   c.norm = at::empty({c.B}, c.g.options().dtype(acc_type_of(dtype)));
   c.out = at::empty({c.B}, c.g.options().dtype(epilogue_out_dtype(e, dtype)));
@@ -76,10 +97,12 @@ struct NormEpilogueBackwardCall {
 
 inline NormEpilogueBackwardCall prepare_norm_epilogue_backward(
     const at::Tensor& grad_out, const at::Tensor& g_in, const std::optional<at::Tensor>& f,
-    const at::Tensor& norm, c10::string_view epilogue, EmptyLike empty_like, const char* op) {
+    const at::Tensor& norm, c10::string_view epilogue, double param, EmptyLike empty_like,
+    const char* op) {
   check_batched(g_in, op, "g");
   const Epilogue e = parse_epilogue(epilogue);
   check_epilogue_f(e, f, g_in, epilogue, op);
+  check_epilogue_param(e, param, g_in.scalar_type(), op);
   check_floating(grad_out, op, "grad_out");
   check_same_device(grad_out, g_in, op, "grad_out", "g");
   TORCH_CHECK(grad_out.dim() == 1 && grad_out.size(0) == g_in.size(0), op,
@@ -95,7 +118,7 @@ inline NormEpilogueBackwardCall prepare_norm_epilogue_backward(
   if (epilogue_uses_f(e)) c.f = *f;
   c.norm = norm;
   c.B = B;
-  c.N = c.g.numel() / B;
+  c.N = sample_numel(c.g);
   c.grad_g = empty_like(c.g);
   c.grad_f = epilogue_uses_f(e) ? at::empty({B}, c.g.options()) : at::empty({0}, c.g.options());
   c.go = grad_out.to(acc_type_of(c.g.scalar_type())).contiguous();
@@ -119,7 +142,7 @@ inline SampleScaleCall prepare_sample_scale(const at::Tensor& g_in, const at::Te
   SampleScaleCall call;
   call.g = as_sample_blocks(g_in);
   call.B = call.g.size(0);
-  call.N = call.g.numel() / call.B;
+  call.N = sample_numel(call.g);
   call.coef = c.to(acc_type_of(call.g.scalar_type())).contiguous();
   call.out = empty_like(call.g);
   return call;
@@ -142,7 +165,7 @@ inline SampleDotCall prepare_sample_dot(const at::Tensor& a_in, const at::Tensor
   SampleDotCall call;
   std::tie(call.a, call.b) = as_matching_sample_blocks(a_in, b_in);
   call.B = call.a.size(0);
-  call.N = call.a.numel() / call.B;
+  call.N = sample_numel(call.a);
   call.out = at::empty({call.B}, call.a.options());
   return call;
 }
@@ -172,6 +195,7 @@ inline PowerIterationCall prepare_power_iteration(at::TensorList weights_in, at:
                                                   double eps, const char* op) {
   check_spectral_batch(weights_in, us, vs, op);
   check_iteration_args(op, n_power_iterations, eps);
+  if (!weights_in.empty()) check_param_fits(eps, weights_in[0].scalar_type(), op, "eps");
   PowerIterationCall call;
   if (weights_in.empty()) {
     call.sigmas = at::empty({0}, at::kFloat);
@@ -195,6 +219,7 @@ inline SnForwardCall prepare_sn_forward(at::TensorList weights_in, at::TensorLis
                                         EmptyLike empty_like, const char* op) {
   check_spectral_batch(weights_in, us, vs, op);
   check_iteration_args(op, n_power_iterations, eps);
+  if (!weights_in.empty()) check_param_fits(eps, weights_in[0].scalar_type(), op, "eps");
   SnForwardCall call;
   call.weights = contiguous_all(weights_in);
   const auto opts = call.weights.empty() ? at::TensorOptions(at::kFloat) : call.weights[0].options();
@@ -241,6 +266,7 @@ inline SnBackwardCall prepare_sn_backward(at::TensorList grads_in, at::TensorLis
   const auto& weights = call.weights;
   const auto& grads = call.grads;
   const auto dtype = weights[0].scalar_type();
+  check_param_fits(eps, dtype, op, "eps");
   for (size_t i = 0; i < weights.size(); ++i) {
     check_floating(weights[i], op, "weights[i]");
     TORCH_CHECK(weights[i].dim() >= 2 && weights[i].scalar_type() == dtype &&

@@ -7,6 +7,13 @@
 // The backward of every op is "dL/df_i = a scalar, dL/dg_ij = c_i * g_ij", with c_i
 // the chain rule through n_i and dn_i/dg_ij = g_ij / n_i, which is defined as 0
 // where n_i = 0 (the subgradient torch.linalg.vector_norm uses).
+//
+// Special values (docs/math.md section 10): NaN and Inf propagate as the plain
+// formula's do (forward) and as autograd of the plain formula does (backward; the
+// reference functions are that plain formula). The only redefined case is GN's 0/0.
+// Where every input is finite the backward uses the better-conditioned form of the
+// same derivative; where one is not, it evaluates the plain formula's chain rule, so
+// that exactly the same outputs are NaN or infinite on every backend.
 #pragma once
 
 #include <cmath>
@@ -21,11 +28,23 @@ namespace lipkernels {
 
 enum class Epilogue : int {
   Norm = 0,  // out = n
-  GN = 1,    // out = f / (n + |f|), defined as 0 where n + |f| = 0
+  GN = 1,    // out = f / (n + |f|), defined as 0 where n + |f| = 0 (only: NaN stays NaN)
   GraN = 2,  // out = f * n / (n^2 + eps), param = eps > 0
   GP = 3,    // out = (n - center)^2, param = center; the op averages over the batch
   R1 = 4,    // out = n^2; the op averages over the batch
 };
+
+// x is neither NaN nor infinite (x - x is NaN for both; no -ffast-math anywhere).
+template <typename acc_t>
+LK_HOST_DEVICE bool lk_finite(acc_t x) {
+  return x - x == acc_t(0);
+}
+
+// torch.sgn for real x: -1, 0 or 1, NaN for NaN.
+template <typename acc_t>
+LK_HOST_DEVICE acc_t lk_sgn(acc_t x) {
+  return x > acc_t(0) ? acc_t(1) : (x < acc_t(0) ? acc_t(-1) : x * acc_t(0));
+}
 
 template <typename acc_t>
 LK_HOST_DEVICE acc_t epilogue_forward(Epilogue e, acc_t f, acc_t n, acc_t param) {
@@ -34,7 +53,7 @@ LK_HOST_DEVICE acc_t epilogue_forward(Epilogue e, acc_t f, acc_t n, acc_t param)
       return n;
     case Epilogue::GN: {
       const acc_t d = n + (f < acc_t(0) ? -f : f);
-      return d > acc_t(0) ? f / d : acc_t(0);
+      return d == acc_t(0) ? acc_t(0) : f / d;
     }
     case Epilogue::GraN:
       return f * (n / (n * n + param));
@@ -53,7 +72,9 @@ LK_HOST_DEVICE acc_t epilogue_forward(Epilogue e, acc_t f, acc_t n, acc_t param)
 template <typename acc_t>
 LK_HOST_DEVICE void epilogue_backward(
     Epilogue e, acc_t go, acc_t f, acc_t n, acc_t param, acc_t* grad_f, acc_t* coef) {
-  const acc_t inv_n = n > acc_t(0) ? acc_t(1) / n : acc_t(0);
+  // 1/n, masked to 0 where n = 0 (a NaN n stays NaN). n is never subnormal-small
+  // (a sum of squares in acc_t is 0 or >= the least subnormal), so 1/n is finite.
+  const acc_t inv_n = n == acc_t(0) ? acc_t(0) : acc_t(1) / n;
   switch (e) {
     case Epilogue::Norm:
       *grad_f = acc_t(0);
@@ -62,20 +83,29 @@ LK_HOST_DEVICE void epilogue_backward(
     case Epilogue::GN: {
       // d out/d f = n / d^2, d out/d n = -f / d^2, d = n + |f|; both 0 where d = 0.
       const acc_t d = n + (f < acc_t(0) ? -f : f);
-      if (d > acc_t(0)) {
-        *grad_f = go * ((n / d) / d);
-        *coef = -go * ((f / d) / d) * inv_n;
-      } else {
+      if (d == acc_t(0)) {
         *grad_f = acc_t(0);
         *coef = acc_t(0);
+        return;
       }
+      const acc_t grad_d = -go * ((f / d) / d);  // autograd's d(f/d)/d(d)
+      if (lk_finite(d))
+        *grad_f = go * ((n / d) / d);
+      else  // n or f infinite or NaN: autograd's go/d + grad_d * sgn(f)
+        *grad_f = go / d + grad_d * lk_sgn(f);
+      *coef = grad_d * inv_n;
       return;
     }
     case Epilogue::GraN: {
       // d out/d f = n / q, d out/d n = f (eps - n^2) / q^2, q = n^2 + eps.
       const acc_t q = n * n + param;
-      *grad_f = go * (n / q);
-      *coef = go * f * (((param - n * n) / q) / q) * inv_n;
+      const acc_t r = n / q;
+      const acc_t grad_r = go * f;
+      *grad_f = go * r;
+      if (lk_finite(q) && lk_finite(grad_r))
+        *coef = grad_r * (((param - n * n) / q) / q) * inv_n;
+      else  // autograd of f * (n / (n * n + eps)): grad_r / q + 2 n grad_q
+        *coef = (grad_r / q - acc_t(2) * (grad_r * (r / q)) * n) * inv_n;
       return;
     }
     case Epilogue::GP:

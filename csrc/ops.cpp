@@ -116,26 +116,36 @@ LK_OP(sn_backward_op, "_sn_backward",
 // ------------------------------------------------- per-sample norm family
 
 // The epilogue's backward written with differentiable ops (used under create_graph).
-// Mirrors epilogue_backward() in epilogue.h; guarded divisions keep the unused
-// branch of every where() finite, so no NaN leaks into higher derivatives.
+// Mirrors epilogue_backward() in epilogue.h (special values included); guarded
+// divisions keep the unused branch of every where() finite for finite input, so no
+// NaN leaks into higher derivatives.
 std::pair<Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, const Tensor& go,
                                                            const Tensor& f, const Tensor& n,
                                                            double param) {
-  const Tensor pos = n > 0;
-  const Tensor inv_n = pos.to(n.scalar_type()) / at::where(pos, n, at::ones_like(n));
+  // 1/n masked to 0 where n = 0; a NaN n stays NaN (as in epilogue.h).
+  const Tensor nz = n != 0;
+  const Tensor inv_n = nz.to(n.scalar_type()) / at::where(nz, n, at::ones_like(n));
   switch (e) {
     case Epilogue::Norm:
       return {Tensor(), go * inv_n};
     case Epilogue::GN: {
       const Tensor d = n + f.abs();
-      const Tensor dpos = d > 0;
-      const Tensor d_safe = at::where(dpos, d, at::ones_like(d));
-      const Tensor w = dpos.to(d.scalar_type()) / (d_safe * d_safe);
-      return {go * n * w, -go * f * w * inv_n};
+      const Tensor dzero = d == 0;
+      const Tensor d_safe = at::where(dzero, at::ones_like(d), d);
+      const Tensor grad_d = at::where(dzero, at::zeros_like(d), -go * ((f / d_safe) / d_safe));
+      const Tensor grad_f = at::where(
+          dzero, at::zeros_like(d),
+          at::where(d.isfinite(), go * ((n / d_safe) / d_safe), go / d_safe + grad_d * f.sgn()));
+      return {grad_f, grad_d * inv_n};
     }
     case Epilogue::GraN: {
       const Tensor q = n * n + param;
-      return {go * n / q, go * f * ((param - n * n) / q / q) * inv_n};
+      const Tensor r = n / q;
+      const Tensor grad_r = go * f;
+      const Tensor grad_n =
+          at::where(q.isfinite() & grad_r.isfinite(), grad_r * (((param - n * n) / q) / q),
+                    grad_r / q - 2 * (grad_r * (r / q)) * n);
+      return {go * r, grad_n * inv_n};
     }
     case Epilogue::GP:
       return {Tensor(), go * 2 * (n - param) * inv_n};

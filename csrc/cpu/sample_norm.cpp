@@ -108,7 +108,7 @@ void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t
 std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
                                                  const std::optional<at::Tensor>& f,
                                                  c10::string_view epilogue, double param) {
-  auto c = prepare_norm_epilogue(g_in, f, epilogue, "lipkernels::_norm_epilogue");
+  auto c = prepare_norm_epilogue(g_in, f, epilogue, param, "lipkernels::_norm_epilogue");
   const bool use_f = c.f.defined();
   const bool out_acc = c.out.scalar_type() != c.g.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "norm_epilogue", [&] {
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
 std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
     const at::Tensor& grad_out, const at::Tensor& g_in, const std::optional<at::Tensor>& f,
     const at::Tensor& norm, c10::string_view epilogue, double param) {
-  auto c = prepare_norm_epilogue_backward(grad_out, g_in, f, norm, epilogue, &empty_output_like,
+  auto c = prepare_norm_epilogue_backward(grad_out, g_in, f, norm, epilogue, param, &empty_output_like,
                                           "lipkernels::_norm_epilogue_backward");
   const bool use_f = c.f.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "norm_epilogue_backward", [&] {

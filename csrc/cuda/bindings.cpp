@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue(const at::Tensor& g_in,
                                                  c10::string_view epilogue, double param) {
   constexpr const char* op = "lipkernels::_norm_epilogue";
   check_cuda(g_in, op, "g");
-  auto c = prepare_norm_epilogue(g_in, f, epilogue, op);
+  auto c = prepare_norm_epilogue(g_in, f, epilogue, param, op);
   DeviceMemory dev;
   const DeviceGuard guard(c.g.device());
   const bool use_f = c.f.defined();
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
     const at::Tensor& norm, c10::string_view epilogue, double param) {
   constexpr const char* op = "lipkernels::_norm_epilogue_backward";
   check_cuda(g_in, op, "g");
-  auto c = prepare_norm_epilogue_backward(grad_out, g_in, f, norm, epilogue, &empty_like_cuda, op);
+  auto c = prepare_norm_epilogue_backward(grad_out, g_in, f, norm, epilogue, param, &empty_like_cuda, op);
   DeviceMemory dev;
   const DeviceGuard guard(c.g.device());
   const bool use_f = c.f.defined();

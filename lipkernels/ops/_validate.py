@@ -3,9 +3,12 @@ and what was expected, before any kernel sees the input."""
 from __future__ import annotations
 
 import math
+import struct
 from typing import Sequence
 
 import torch
+
+from ._layout import acc_dtype
 
 
 def tensor(op: str, name: str, t) -> torch.Tensor:
@@ -18,13 +21,11 @@ def tensor(op: str, name: str, t) -> torch.Tensor:
 
 
 def per_sample_grad(op: str, g, name: str = "g") -> torch.Tensor:
-    """g: (B, ...) with rank >= 2 and B >= 1."""
+    """g: (B, ...) with rank >= 2 (B = 0, an empty batch, gives empty results)."""
     tensor(op, name, g)
     if g.dim() < 2:
         raise ValueError(f"{op}: {name} must have shape (B, ...) with rank >= 2 "
                          f"(one row per sample), got shape {tuple(g.shape)}")
-    if g.shape[0] == 0:
-        raise ValueError(f"{op}: {name} must hold at least one sample, got batch size 0")
     return g
 
 
@@ -64,6 +65,25 @@ def finite(op: str, name: str, x) -> float:
     x = float(x)
     if not math.isfinite(x):
         raise ValueError(f"{op}: {name} must be finite, got {x}")
+    return x
+
+
+def fits(op: str, name: str, x: float, dtype: torch.dtype, what: str) -> float:
+    """x (already checked finite) must stay finite, and non-zero if it is, in the dtype
+    the kernels compute in for ``what`` of ``dtype`` (float64 for float64, else float32):
+    every backend gives this error instead of computing with Inf or 0."""
+    if acc_dtype(dtype) == torch.float64 or x == 0:
+        return x
+    try:
+        rounded = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        raise ValueError(f"{op}: {name} = {x:g} overflows float32, the dtype the op computes in "
+                         f"for {dtype} {what}; use |{name}| <= {torch.finfo(torch.float32).max:g}"
+                         ) from None
+    if rounded == 0:
+        raise ValueError(f"{op}: {name} = {x:g} underflows to 0 in float32, the dtype the op "
+                         f"computes in for {dtype} {what}; use |{name}| >= "
+                         f"{torch.finfo(torch.float32).smallest_normal:g}")
     return x
 
 

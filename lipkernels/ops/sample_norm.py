@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from . import _validate
+from . import _layout, _validate
 
 # ----------------------------------------------------------------- references
 
@@ -42,20 +42,27 @@ def sample_norm_reference(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())))
 
 
+def _acc_norm(g: torch.Tensor) -> torch.Tensor:
+    """n in the accumulation dtype (float32 for half-precision g, as the kernels), so a
+    norm beyond float16's range does not become Inf before the epilogue."""
+    return sample_norm_reference(g.to(_layout.acc_dtype(g.dtype)))
+
+
 def gn_normalize_reference(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``f / (n + |f|)``, 0 where ``n + |f| = 0``. ``f``: (B,) or (B, 1)."""
-    n = sample_norm_reference(g)
-    fb = f.reshape(-1)
+    """``f / (n + |f|)``, 0 where ``n + |f| = 0`` exactly (NaN stays NaN). ``f``: (B,) or
+    (B, 1). Computed in the accumulation dtype, returned in f's."""
+    n = _acc_norm(g)
+    fb = f.reshape(-1).to(n.dtype)
     d = n + fb.abs()
-    pos = d > 0
-    out = torch.where(pos, fb / torch.where(pos, d, torch.ones_like(d)), torch.zeros_like(fb))
-    return out.reshape(f.shape)
+    zero = d == 0
+    out = torch.where(zero, torch.zeros_like(fb), fb / torch.where(zero, torch.ones_like(d), d))
+    return out.to(f.dtype).reshape(f.shape)
 
 
 def gran_normalize_reference(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    """``f * n / (n^2 + eps)``."""
-    n = sample_norm_reference(g)
-    return (f.reshape(-1) * n / (n * n + eps)).reshape(f.shape)
+    """``f * (n / (n^2 + eps))``, in the accumulation dtype, returned in f's."""
+    n = _acc_norm(g)
+    return (f.reshape(-1).to(n.dtype) * (n / (n * n + eps))).to(f.dtype).reshape(f.shape)
 
 
 def _loss_dtype(g: torch.Tensor) -> torch.dtype:
@@ -72,7 +79,7 @@ def per_sample_reference(epilogue: str, f, g: torch.Tensor, param: float) -> tor
     if epilogue == "gran":
         return gran_normalize_reference(f, g, param)
     if epilogue == "gp":
-        return (sample_norm_reference(g).to(_loss_dtype(g)) - param) ** 2
+        return (sample_norm_reference(g.to(_loss_dtype(g))) - param) ** 2
     if epilogue == "r1":
         return g.to(_loss_dtype(g)).square().sum(dim=tuple(range(1, g.dim())))
     raise ValueError(f"unknown epilogue {epilogue!r}")
@@ -136,7 +143,8 @@ def gran_normalize(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor
     """
     _validate.per_sample_grad("gran_normalize", g)
     fb = _validate.scores("gran_normalize", f, g)
-    eps = _validate.positive("gran_normalize", "eps", eps)
+    eps = _validate.fits("gran_normalize", "eps", _validate.positive("gran_normalize", "eps", eps),
+                         g.dtype, "g")
     impl = _implementation(g)
     if impl is None:
         return gran_normalize_reference(f, g, eps)
@@ -148,7 +156,8 @@ def gradient_penalty(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
     """WGAN-GP epilogue ``mean_i (||g_i|| - center)^2`` (multiply by the weight yourself,
     or use :func:`lipkernels.gradient_penalty`, which takes the critic)."""
     _validate.per_sample_grad("gradient_penalty", g)
-    center = _validate.finite("gradient_penalty", "center", center)
+    center = _validate.fits("gradient_penalty", "center",
+                            _validate.finite("gradient_penalty", "center", center), g.dtype, "g")
     impl = _implementation(g)
     return gradient_penalty_reference(g, center) if impl is None else impl.gradient_penalty(g, center)
 

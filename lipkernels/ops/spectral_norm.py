@@ -72,7 +72,8 @@ def spectral_normalize_reference(weights: Sequence[torch.Tensor], us: Sequence[t
 def _check(op: str, weights, us, vs, n_power_iterations, eps):
     _validate.spectral_batch(op, weights, us, vs)
     _validate.non_negative_int(op, "n_power_iterations", n_power_iterations)
-    return _validate.positive(op, "eps", eps)
+    eps = _validate.positive(op, "eps", eps)
+    return _validate.fits(op, "eps", eps, weights[0].dtype, "weights") if weights else eps
 
 
 def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],

@@ -32,13 +32,19 @@ BLOCK = 1024   # elements per vector step inside a program
 
 
 @triton.jit
+def _finite(x):
+    # Neither NaN nor infinite (x - x is NaN for both).
+    return x - x == 0.0
+
+
+@triton.jit
 def _epilogue_forward(f, n, param, EPI: tl.constexpr):
-    # Same formulas and edge cases as csrc/epilogue.h.
+    # Same formulas and special values as csrc/epilogue.h (only GN's 0/0 is redefined).
     if EPI == 0:
         out = n
     elif EPI == 1:
         d = n + tl.abs(f)
-        out = tl.where(d > 0, f / tl.where(d > 0, d, 1.0), 0.0)
+        out = tl.where(d == 0, 0.0, f / tl.where(d == 0, 1.0, d))
     elif EPI == 2:
         out = f * (n / (n * n + param))
     elif EPI == 3:
@@ -50,20 +56,29 @@ def _epilogue_forward(f, n, param, EPI: tl.constexpr):
 
 @triton.jit
 def _epilogue_backward(go, f, n, param, EPI: tl.constexpr):
-    """(dL/df, c) with dL/dg = c g; dn/dg = g / n is 0 where n = 0."""
-    inv_n = tl.where(n > 0, 1.0 / tl.where(n > 0, n, 1.0), 0.0)
+    """(dL/df, c) with dL/dg = c g; dn/dg = g / n is 0 where n = 0 (a NaN n stays NaN).
+    As csrc/epilogue.h: where an input is not finite, autograd of the plain formula."""
+    inv_n = tl.where(n == 0, 0.0, 1.0 / tl.where(n == 0, 1.0, n))
     if EPI == 0:
         grad_f = go * 0.0
         coef = go * inv_n
     elif EPI == 1:
         d = n + tl.abs(f)
-        d_safe = tl.where(d > 0, d, 1.0)
-        grad_f = tl.where(d > 0, go * ((n / d_safe) / d_safe), 0.0)
-        coef = tl.where(d > 0, -go * ((f / d_safe) / d_safe) * inv_n, 0.0)
+        dzero = d == 0
+        d_safe = tl.where(dzero, 1.0, d)
+        grad_d = -go * ((f / d_safe) / d_safe)
+        sgn = tl.where(f > 0, 1.0, tl.where(f < 0, -1.0, f * 0.0))
+        grad_f = tl.where(_finite(d), go * ((n / d_safe) / d_safe), go / d_safe + grad_d * sgn)
+        grad_f = tl.where(dzero, 0.0, grad_f)
+        coef = tl.where(dzero, 0.0, grad_d * inv_n)
     elif EPI == 2:
         q = n * n + param
-        grad_f = go * (n / q)
-        coef = go * f * (((param - n * n) / q) / q) * inv_n
+        r = n / q
+        grad_r = go * f
+        grad_f = go * r
+        grad_n = tl.where(_finite(q) & _finite(grad_r), grad_r * (((param - n * n) / q) / q),
+                          grad_r / q - 2.0 * (grad_r * (r / q)) * n)
+        coef = grad_n * inv_n
     elif EPI == 3:
         grad_f = go * 0.0
         coef = go * 2.0 * (n - param) * inv_n
@@ -169,11 +184,13 @@ def _reduce(a: torch.Tensor, b: Optional[torch.Tensor], f: Optional[torch.Tensor
     batch, n, n_chunks = _geometry(a)
     acc = _layout.acc_dtype(a.dtype)
     part = torch.empty(batch * n_chunks, device=a.device, dtype=acc)
+    out = torch.empty(batch, device=a.device, dtype=out_dtype)
+    norm = torch.empty(batch, device=a.device, dtype=acc)
+    if batch == 0:  # an empty batch: empty outputs, no launch (a grid of 0 programs)
+        return out, norm
     _sumsq_kernel[(batch * n_chunks,)](a, b if b is not None else a, part, n, n_chunks,
                                        ACC=_acc(a.dtype), DOT=b is not None, CHUNK=CHUNK,
                                        BLOCK=BLOCK)
-    out = torch.empty(batch, device=a.device, dtype=out_dtype)
-    norm = torch.empty(batch, device=a.device, dtype=acc)
     _finish_kernel[(batch,)](part, f if f is not None else part, f.stride(0) if f is not None else 0,
                              out, norm, n_chunks, float(param), EPI=EPILOGUES[epilogue],
                              HAS_F=f is not None, SQRT=sqrt, ACC=_acc(a.dtype),
@@ -186,6 +203,8 @@ def _scale(g: torch.Tensor, coef: Optional[torch.Tensor], go=None, f=None, norm=
     batch, n, n_chunks = _geometry(g)
     out = _layout.empty_like_sample_blocks(g)
     grad_f = torch.empty(batch if f is not None else 0, device=g.device, dtype=g.dtype)
+    if batch == 0:
+        return grad_f, out
     dummy = norm if norm is not None else coef
     _scale_kernel[(batch * n_chunks,)](
         g, out, coef if coef is not None else dummy, go if go is not None else dummy,
