@@ -75,11 +75,13 @@ def fits(op: str, name: str, x: float, dtype: torch.dtype, what: str) -> float:
     if acc_dtype(dtype) == torch.float64 or x == 0:
         return x
     try:
-        rounded = struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:
+        rounded = struct.unpack("f", struct.pack("f", x))[0]  # x rounded to float32
+    except OverflowError:  # older Pythons raise instead of rounding to Inf
+        rounded = math.inf
+    if math.isinf(rounded):
         raise ValueError(f"{op}: {name} = {x:g} overflows float32, the dtype the op computes in "
                          f"for {dtype} {what}; use |{name}| <= {torch.finfo(torch.float32).max:g}"
-                         ) from None
+                         )
     if rounded == 0:
         raise ValueError(f"{op}: {name} = {x:g} underflows to 0 in float32, the dtype the op "
                          f"computes in for {dtype} {what}; use |{name}| >= "

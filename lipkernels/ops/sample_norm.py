@@ -37,15 +37,17 @@ from . import _layout, _validate
 # ----------------------------------------------------------------- references
 
 
-def sample_norm_reference(g: torch.Tensor) -> torch.Tensor:
-    """``n_i = ||g_i||_2`` over all non-batch dims, plain PyTorch."""
-    return torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())))
-
-
 def _acc_norm(g: torch.Tensor) -> torch.Tensor:
     """n in the accumulation dtype (float32 for half-precision g, as the kernels), so a
-    norm beyond float16's range does not become Inf before the epilogue."""
-    return sample_norm_reference(g.to(_layout.acc_dtype(g.dtype)))
+    norm beyond float16's range does not become Inf before the epilogue (nor in the
+    backward, whose g / n stays finite)."""
+    return torch.linalg.vector_norm(g.to(_layout.acc_dtype(g.dtype)), dim=tuple(range(1, g.dim())))
+
+
+def sample_norm_reference(g: torch.Tensor) -> torch.Tensor:
+    """``n_i = ||g_i||_2`` over all non-batch dims, plain PyTorch; computed in the
+    accumulation dtype, returned in g's."""
+    return _acc_norm(g).to(g.dtype)
 
 
 def gn_normalize_reference(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -79,9 +81,12 @@ def per_sample_reference(epilogue: str, f, g: torch.Tensor, param: float) -> tor
     if epilogue == "gran":
         return gran_normalize_reference(f, g, param)
     if epilogue == "gp":
-        return (sample_norm_reference(g.to(_loss_dtype(g))) - param) ** 2
+        return (_acc_norm(g) - param) ** 2
     if epilogue == "r1":
-        return g.to(_loss_dtype(g)).square().sum(dim=tuple(range(1, g.dim())))
+        # x * x, not x.square(): its backward, go * x + go * x, does not overflow where
+        # the result does not (square's computes 2 * x first).
+        x = g.to(_loss_dtype(g))
+        return (x * x).sum(dim=tuple(range(1, g.dim())))
     raise ValueError(f"unknown epilogue {epilogue!r}")
 
 
