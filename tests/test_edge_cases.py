@@ -340,3 +340,45 @@ def test_float16_extremes(backend_name):
             _assert_same_special(a, e, f"{op} {name}")
         if op in ("gn_normalize", "gran_normalize", "gradient_penalty", "r1_penalty"):
             assert actual[0].isfinite().all(), op
+
+
+# ------------------------------------------------------------------ triton (interpreter)
+
+def _triton_or_skip():
+    if "triton" not in lipkernels.available_backends():
+        pytest.skip("triton backend unavailable: " + lipkernels.backend_status()["triton"][1] +
+                    " (the test command runs the triton tests with TRITON_INTERPRET=1)")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", list(PER_SAMPLE_OPS))
+def test_triton_special_values_and_empty_batch(op):
+    """The Triton kernels under the same rules (small: the interpreter is slow)."""
+    _triton_or_skip()
+    fn, ref, uses_f = PER_SAMPLE_OPS[op]
+    for dtype in (torch.float64, torch.float32):
+        f, g = _special_batch(dtype)
+        with backend_context("reference"):
+            expected = _grads(ref, f, g, uses_f)
+        with backend_context("triton"):
+            dev = torch.get_default_device()
+            actual = _grads(fn, f.to(dev), g.to(dev), uses_f)
+        for name, a, e in zip(("out", "df", "dg") if uses_f else ("out", "dg"), actual, expected):
+            _assert_same_special(a, e, f"triton {op} {name}", exact_nonfinite=name == "out")
+    with backend_context("triton"):
+        g, f = torch.randn(0, 3, 2), torch.randn(0, 1)
+        out, *grads = _grads(fn, f, g, uses_f)
+        assert out.shape == (() if "penalty" in op else (0,) if op == "sample_norm" else (0, 1))
+        assert grads[-1].shape == g.shape
+        if "penalty" in op:
+            assert out.isnan()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", OVERFLOW_CASES, ids=[c[0] for c in OVERFLOW_CASES])
+def test_triton_parameter_overflow(case):
+    _triton_or_skip()
+    _, call, words = case
+    with backend_context("triton"):
+        with pytest.raises(ValueError, match=words):
+            call(torch.float32)

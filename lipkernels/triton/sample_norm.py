@@ -175,7 +175,9 @@ def _acc(dtype: torch.dtype):
 
 def _geometry(g: torch.Tensor) -> Tuple[int, int, int]:
     batch = g.shape[0]
-    n = g.numel() // batch
+    n = 1
+    for size in g.shape[1:]:  # elements per sample, also for an empty batch
+        n *= size
     return batch, n, max(1, triton.cdiv(n, CHUNK))
 
 
