@@ -40,6 +40,12 @@ LK_HOST_DEVICE bool lk_finite(acc_t x) {
   return x - x == acc_t(0);
 }
 
+// |x| (with |-0| = 0, NaN for NaN).
+template <typename acc_t>
+LK_HOST_DEVICE acc_t lk_abs(acc_t x) {
+  return x < acc_t(0) ? -x : (x == acc_t(0) ? acc_t(0) : x);
+}
+
 // torch.sgn for real x: -1, 0 or 1, NaN for NaN.
 template <typename acc_t>
 LK_HOST_DEVICE acc_t lk_sgn(acc_t x) {
@@ -68,56 +74,66 @@ LK_HOST_DEVICE acc_t epilogue_forward(Epilogue e, acc_t f, acc_t n, acc_t param)
 }
 
 // Given go = dL/dout_i, writes dL/df_i to *grad_f (0 for ops without f) and the
-// per-sample coefficient c_i of dL/dg_ij = c_i * g_ij to *coef.
+// per-sample coefficient c_i of dL/dg_ij = c_i * g_ij to *coef; and, when grad_n is
+// given, dL/dn_i to *grad_n (c_i = dL/dn_i / n_i, except for R1, whose c_i = 2 go is
+// exact also at n_i = 0).
+//
+// A one-element sample has n_i = |g_i|, which can be subnormal, so 1/n_i can overflow:
+// its kernels write dL/dg_i = dL/dn_i * (g_i / n_i) instead (epilogue_single_grad).
 template <typename acc_t>
 LK_HOST_DEVICE void epilogue_backward(
-    Epilogue e, acc_t go, acc_t f, acc_t n, acc_t param, acc_t* grad_f, acc_t* coef) {
-  // 1/n, masked to 0 where n = 0 (a NaN n stays NaN). n is never subnormal-small
-  // (a sum of squares in acc_t is 0 or >= the least subnormal), so 1/n is finite.
+    Epilogue e, acc_t go, acc_t f, acc_t n, acc_t param, acc_t* grad_f, acc_t* coef,
+    acc_t* grad_n = nullptr) {
+  // 1/n, masked to 0 where n = 0 (a NaN n stays NaN). For a sample of several elements
+  // n is a square root of a sum of squares in acc_t, 0 or >= the square root of the
+  // least subnormal, so 1/n is finite.
   const acc_t inv_n = n == acc_t(0) ? acc_t(0) : acc_t(1) / n;
+  acc_t gf = acc_t(0), dn = acc_t(0);
   switch (e) {
     case Epilogue::Norm:
-      *grad_f = acc_t(0);
-      *coef = go * inv_n;
-      return;
+      dn = go;
+      break;
     case Epilogue::GN: {
       // d out/d f = n / d^2, d out/d n = -f / d^2, d = n + |f|; both 0 where d = 0.
       const acc_t d = n + (f < acc_t(0) ? -f : f);
-      if (d == acc_t(0)) {
-        *grad_f = acc_t(0);
-        *coef = acc_t(0);
-        return;
-      }
-      const acc_t grad_d = -go * ((f / d) / d);  // autograd's d(f/d)/d(d)
+      if (d == acc_t(0)) break;
+      dn = -go * ((f / d) / d);  // autograd's d(f/d)/d(d)
       if (lk_finite(d))
-        *grad_f = go * ((n / d) / d);
-      else  // n or f infinite or NaN: autograd's go/d + grad_d * sgn(f)
-        *grad_f = go / d + grad_d * lk_sgn(f);
-      *coef = grad_d * inv_n;
-      return;
+        gf = go * ((n / d) / d);
+      else  // n or f infinite or NaN: autograd's go/d + dn * sgn(f)
+        gf = go / d + dn * lk_sgn(f);
+      break;
     }
     case Epilogue::GraN: {
       // d out/d f = n / q, d out/d n = f (eps - n^2) / q^2, q = n^2 + eps.
       const acc_t q = n * n + param;
       const acc_t r = n / q;
       const acc_t grad_r = go * f;
-      *grad_f = go * r;
+      gf = go * r;
       if (lk_finite(q) && lk_finite(grad_r))
-        *coef = grad_r * (((param - n * n) / q) / q) * inv_n;
+        dn = grad_r * (((param - n * n) / q) / q);
       else  // autograd of f * (n / (n * n + eps)): grad_r / q + 2 n grad_q
-        *coef = (grad_r / q - acc_t(2) * (grad_r * (r / q)) * n) * inv_n;
-      return;
+        dn = grad_r / q - acc_t(2) * (grad_r * (r / q)) * n;
+      break;
     }
     case Epilogue::GP:
-      *grad_f = acc_t(0);
-      *coef = go * acc_t(2) * (n - param) * inv_n;
-      return;
+      dn = go * acc_t(2) * (n - param);
+      break;
     case Epilogue::R1:
       // d(n^2)/dg = 2 g exactly, also at n = 0.
-      *grad_f = acc_t(0);
-      *coef = go * acc_t(2);
-      return;
+      dn = go * acc_t(2) * n;
+      break;
   }
+  *grad_f = gf;
+  *coef = e == Epilogue::R1 ? go * acc_t(2) : dn * inv_n;
+  if (grad_n) *grad_n = dn;
+}
+
+// dL/dg_i of a one-element sample: dL/dn_i * (g_i / n_i), 0 where n_i = 0 (as torch's
+// norm backward masks g / n; a NaN dL/dn_i stays NaN).
+template <typename acc_t>
+LK_HOST_DEVICE acc_t epilogue_single_grad(acc_t grad_n, acc_t x, acc_t n) {
+  return grad_n * (n == acc_t(0) ? acc_t(0) : x / n);
 }
 
 }  // namespace lipkernels

@@ -119,15 +119,16 @@ LK_OP(sn_backward_op, "_sn_backward",
 // Mirrors epilogue_backward() in epilogue.h (special values included); guarded
 // divisions keep the unused branch of every where() finite for finite input, so no
 // NaN leaks into higher derivatives.
-std::pair<Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, const Tensor& go,
-                                                           const Tensor& f, const Tensor& n,
-                                                           double param) {
+// (dL/df, c, dL/dn) with dL/dg = c g (dL/dn * g / n for one-element samples).
+std::tuple<Tensor, Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, const Tensor& go,
+                                                                    const Tensor& f, const Tensor& n,
+                                                                    double param) {
   // 1/n masked to 0 where n = 0; a NaN n stays NaN (as in epilogue.h).
   const Tensor nz = n != 0;
   const Tensor inv_n = nz.to(n.scalar_type()) / at::where(nz, n, at::ones_like(n));
   switch (e) {
     case Epilogue::Norm:
-      return {Tensor(), go * inv_n};
+      return {Tensor(), go * inv_n, go};
     case Epilogue::GN: {
       const Tensor d = n + f.abs();
       const Tensor dzero = d == 0;
@@ -136,7 +137,7 @@ std::pair<Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, const Ten
       const Tensor grad_f = at::where(
           dzero, at::zeros_like(d),
           at::where(d.isfinite(), go * ((n / d_safe) / d_safe), go / d_safe + grad_d * f.sgn()));
-      return {grad_f, grad_d * inv_n};
+      return {grad_f, grad_d * inv_n, grad_d};
     }
     case Epilogue::GraN: {
       const Tensor q = n * n + param;
@@ -145,12 +146,14 @@ std::pair<Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, const Ten
       const Tensor grad_n =
           at::where(q.isfinite() & grad_r.isfinite(), grad_r * (((param - n * n) / q) / q),
                     grad_r / q - 2 * (grad_r * (r / q)) * n);
-      return {go * r, grad_n * inv_n};
+      return {go * r, grad_n * inv_n, grad_n};
     }
-    case Epilogue::GP:
-      return {Tensor(), go * 2 * (n - param) * inv_n};
+    case Epilogue::GP: {
+      const Tensor grad_n = go * 2 * (n - param);
+      return {Tensor(), grad_n * inv_n, grad_n};
+    }
     case Epilogue::R1:
-      return {Tensor(), go * 2};
+      return {Tensor(), go * 2, Tensor()};
   }
   return {};
 }
@@ -181,9 +184,17 @@ struct NormEpilogueFn : public Function<NormEpilogueFn<Ns>> {
     if (torch::autograd::GradMode::is_enabled()) {
       // Recompute n with the differentiable op so that d/dg of this backward sees n(g).
       const Tensor n = sample_norm_op<Ns>().call(g);
-      Tensor coef;
-      std::tie(grad_f, coef) = epilogue_backward_differentiable(e, go, f, n, param);
-      grad_g = sample_scale_op<Ns>().call(g, coef);
+      Tensor coef, grad_n;
+      std::tie(grad_f, coef, grad_n) = epilogue_backward_differentiable(e, go, f, n, param);
+      if (g.numel() == g.size(0) && e != Epilogue::R1) {
+        // One element per sample: dL/dn * (g / n), as 1 / n can overflow (epilogue.h).
+        const Tensor x = g.reshape({g.size(0)});
+        const Tensor nz = n != 0;
+        const Tensor unit = at::where(nz, x / at::where(nz, n, at::ones_like(n)), at::zeros_like(n));
+        grad_g = (grad_n * unit).to(g.scalar_type()).reshape(g.sizes());
+      } else {
+        grad_g = sample_scale_op<Ns>().call(g, coef);
+      }
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       const std::optional<Tensor> fo = f.defined() ? std::optional<Tensor>(f) : std::nullopt;

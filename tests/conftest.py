@@ -87,6 +87,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what:
             f"max |diff| overall {err.max().item():.3g}")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """tests/test_fuzz.py's count of generated cases, when it ran."""
+    import sys
+    fuzz = sys.modules.get("test_fuzz")
+    for line in (fuzz.summary_lines() if fuzz is not None else []):
+        terminalreporter.write_line(line)
+
+
 def pytest_report_header(config):
     return [f"lipkernels {lipkernels.__version__}, torch {torch.__version__}, "
             f"backends: {lipkernels.backend_status()}",

@@ -382,3 +382,32 @@ def test_triton_parameter_overflow(case):
     with backend_context("triton"):
         with pytest.raises(ValueError, match=words):
             call(torch.float32)
+
+
+# ------------------------------------------------------------------ spectral norm
+
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_spectral_norm_special_values(backend_name):
+    """A NaN or Inf weight: NaN u, v, sigma and W_sn, as in the reference (torch's
+    power iteration); an all-zero weight: W_sn = 0 (divided by eps); the others of the
+    same call are untouched."""
+    torch.manual_seed(2)
+    weights = [torch.randn(3, 4, dtype=torch.float64) for _ in range(4)]
+    weights[0][1, 2] = NAN
+    weights[1][0, 0] = INF
+    weights[2].zero_()
+    us = [torch.nn.functional.normalize(torch.randn(3, dtype=torch.float64), dim=0) for _ in weights]
+    vs = [torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64), dim=0) for _ in weights]
+    results = {}
+    for name in ("reference", backend_name):
+        with backend_context(name):
+            dev = torch.get_default_device()
+            ws = [w.to(dev).requires_grad_(True) for w in weights]
+            u, v = [x.to(dev, copy=True) for x in us], [x.to(dev, copy=True) for x in vs]
+            outs = ops.spectral_normalize(ws, u, v, 1, 1e-12, True)
+            grads = torch.autograd.grad(sum(o.sum() for o in outs), ws)
+            results[name] = [o.detach().cpu() for o in outs] + [x.cpu() for x in grads + tuple(u) + tuple(v)]
+    for i, (a, e) in enumerate(zip(results[backend_name], results["reference"])):
+        _assert_same_special(a, e, f"spectral result {i}", exact_nonfinite=False)
+    assert results[backend_name][0].isnan().all() and results[backend_name][1].isnan().all()
+    assert torch.equal(results[backend_name][2], torch.zeros(3, 4, dtype=torch.float64))

@@ -77,11 +77,14 @@ template <typename T, typename O>
 void norm_epilogue_forward_kernel(const T* g, int64_t B, int64_t N, const T* f, int64_t f_stride,
                                   Epilogue e, acc_t<T> param, O* out, acc_t<T>* norm) {
   using A = acc_t<T>;
-  per_sample_reduce<A>(B, N, norm, [&](int64_t b, int64_t start, int64_t len) {
-    return sum_squares(g + b * N + start, len);
-  });
+  // One element per sample: n = |g_b| exactly, as torch.linalg.vector_norm gives (also
+  // where g_b^2 would under- or overflow).
+  if (N != 1)
+    per_sample_reduce<A>(B, N, norm, [&](int64_t b, int64_t start, int64_t len) {
+      return sum_squares(g + b * N + start, len);
+    });
   for (int64_t b = 0; b < B; ++b) {
-    norm[b] = std::sqrt(norm[b]);
+    norm[b] = N == 1 ? lk_abs(static_cast<A>(g[b])) : std::sqrt(norm[b]);
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
     out[b] = static_cast<O>(epilogue_forward<A>(e, fb, norm[b], param));
   }
@@ -93,13 +96,17 @@ void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t
                                    acc_t<T> param, T* grad_f, T* grad_g) {
   using A = acc_t<T>;
   std::vector<A> coef(B);
+  // One element per sample: dL/dg_b = dL/dn_b * (g_b / n_b) (n_b = |g_b| may be
+  // subnormal, 1 / n_b overflow); R1's 2 go g_b is exact as it is.
+  const bool single = N == 1 && e != Epilogue::R1;
   for (int64_t b = 0; b < B; ++b) {
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
-    A gf;
-    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef[b]);
+    A gf, dn;
+    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef[b], &dn);
     if (grad_f) grad_f[b] = static_cast<T>(gf);
+    if (single) grad_g[b] = static_cast<T>(epilogue_single_grad<A>(dn, static_cast<A>(g[b]), norm[b]));
   }
-  scale_samples(g, coef.data(), B, N, grad_g);
+  if (!single) scale_samples(g, coef.data(), B, N, grad_g);
 }
 
 // ---------------------------------------------------------------- bindings

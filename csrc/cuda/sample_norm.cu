@@ -45,13 +45,14 @@ struct SampleFinish {
 
 template <typename T>
 __device__ __forceinline__ void finish_sample(const SampleFinish<T>& fin, int64_t b,
-                                              acc_t<T> total) {
+                                              acc_t<T> total, const T* single = nullptr) {
   using A = acc_t<T>;
   if (fin.dot) {
     fin.out[b] = from_acc<T>(total);
     return;
   }
-  const A n = lk_sqrt(total);
+  // A one-element sample (single: its element): n = |g_b| exactly, as torch gives.
+  const A n = single ? lk_abs(to_acc(*single)) : lk_sqrt(total);
   fin.norm[b] = n;
   const A fb = fin.f ? to_acc(fin.f[b * fin.f_stride]) : A(0);
   const A o = epilogue_forward<A>(fin.e, fb, n, fin.param);
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
     acc = block_allreduce(acc, red);
     if (threadIdx.x == 0) {
       if (nchunks == 1)
-        finish_sample(fin, s, acc);
+        finish_sample(fin, s, acc, (!kDot && N == 1) ? pa : nullptr);
       else
         partials[blk] = acc;
     }
@@ -121,19 +122,27 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {
     const int64_t s = blk / nchunks, c = blk - s * nchunks;
-    A coef = A(0);
+    A coef = A(0), dn = A(0);
+    bool single = false;
     if (cs.coef) {
       coef = cs.coef[s];
     } else {
       A gf = A(0);
       const A fb = cs.f ? to_acc(cs.f[s * cs.f_stride]) : A(0);
-      epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef);
+      epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef, &dn);
       if (c == 0 && threadIdx.x == 0 && cs.grad_f) cs.grad_f[s] = from_acc<T>(gf);
+      // One element per sample: dL/dn * (g / n), as 1 / n can overflow (epilogue.h).
+      single = N == 1 && cs.e != Epilogue::R1;
     }
     const int64_t start = c * kChunkElems<T>;
     const int64_t len = min64(kChunkElems<T>, N - start);
-    map_span(g + s * N + start, out + s * N + start, len,
-             [coef](int64_t, A x) { return coef * x; });
+    if (single) {
+      if (threadIdx.x == 0)
+        out[s] = from_acc<T>(epilogue_single_grad<A>(dn, to_acc(g[s]), cs.norm[s]));
+    } else {
+      map_span(g + s * N + start, out + s * N + start, len,
+               [coef](int64_t, A x) { return coef * x; });
+    }
   }
 }
 

@@ -12,10 +12,17 @@ from . import _validate
 
 @torch.no_grad()
 def clip_reference(tensors: List[torch.Tensor], c: float) -> None:
-    """``torch._foreach_clamp_{min,max}_`` over the list."""
-    if tensors:
-        torch._foreach_clamp_min_(tensors, -c)
-        torch._foreach_clamp_max_(tensors, c)
+    """``torch._foreach_clamp_{min,max}_`` over the list, one call per dtype, with ``c``
+    rounded to that dtype: a ``c`` beyond a dtype's range (``1e30`` for float16 tensors)
+    clamps to +-Inf, i.e. leaves the tensor as it is (torch's clamp would raise), as the
+    kernels do."""
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        bound = float(torch.tensor(c, dtype=torch.float64).to(dtype))
+        torch._foreach_clamp_min_(group, -bound)
+        torch._foreach_clamp_max_(group, bound)
 
 
 @torch.no_grad()

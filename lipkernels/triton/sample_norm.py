@@ -56,36 +56,39 @@ def _epilogue_forward(f, n, param, EPI: tl.constexpr):
 
 @triton.jit
 def _epilogue_backward(go, f, n, param, EPI: tl.constexpr):
-    """(dL/df, c) with dL/dg = c g; dn/dg = g / n is 0 where n = 0 (a NaN n stays NaN).
-    As csrc/epilogue.h: where an input is not finite, autograd of the plain formula."""
+    """(dL/df, c, dL/dn) with dL/dg = c g; dn/dg = g / n is 0 where n = 0 (a NaN n stays
+    NaN). As csrc/epilogue.h: where an input is not finite, autograd of the plain formula."""
     inv_n = tl.where(n == 0, 0.0, 1.0 / tl.where(n == 0, 1.0, n))
     if EPI == 0:
         grad_f = go * 0.0
-        coef = go * inv_n
+        dn = go
+        coef = dn * inv_n
     elif EPI == 1:
         d = n + tl.abs(f)
         dzero = d == 0
         d_safe = tl.where(dzero, 1.0, d)
-        grad_d = -go * ((f / d_safe) / d_safe)
+        dn = tl.where(dzero, 0.0, -go * ((f / d_safe) / d_safe))
         sgn = tl.where(f > 0, 1.0, tl.where(f < 0, -1.0, f * 0.0))
-        grad_f = tl.where(_finite(d), go * ((n / d_safe) / d_safe), go / d_safe + grad_d * sgn)
+        grad_f = tl.where(_finite(d), go * ((n / d_safe) / d_safe), go / d_safe + dn * sgn)
         grad_f = tl.where(dzero, 0.0, grad_f)
-        coef = tl.where(dzero, 0.0, grad_d * inv_n)
+        coef = dn * inv_n
     elif EPI == 2:
         q = n * n + param
         r = n / q
         grad_r = go * f
         grad_f = go * r
-        grad_n = tl.where(_finite(q) & _finite(grad_r), grad_r * (((param - n * n) / q) / q),
-                          grad_r / q - 2.0 * (grad_r * (r / q)) * n)
-        coef = grad_n * inv_n
+        dn = tl.where(_finite(q) & _finite(grad_r), grad_r * (((param - n * n) / q) / q),
+                      grad_r / q - 2.0 * (grad_r * (r / q)) * n)
+        coef = dn * inv_n
     elif EPI == 3:
         grad_f = go * 0.0
-        coef = go * 2.0 * (n - param) * inv_n
+        dn = go * 2.0 * (n - param)
+        coef = dn * inv_n
     else:
         grad_f = go * 0.0
+        dn = go * 2.0 * n
         coef = go * 2.0
-    return grad_f, coef
+    return grad_f, coef, dn
 
 
 @triton.jit
@@ -111,10 +114,11 @@ def _sumsq_kernel(a_ptr, b_ptr, part_ptr, N, n_chunks, ACC: tl.constexpr, DOT: t
 
 
 @triton.jit
-def _finish_kernel(part_ptr, f_ptr, f_stride, out_ptr, norm_ptr, n_chunks, param,
+def _finish_kernel(part_ptr, a_ptr, N, f_ptr, f_stride, out_ptr, norm_ptr, n_chunks, param,
                    EPI: tl.constexpr, HAS_F: tl.constexpr, SQRT: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per sample: add the chunk partials in order; n = sqrt; out = epilogue(f, n)."""
+    """Per sample: add the chunk partials in order; n = sqrt (|g_b| for a one-element
+    sample, exactly, as torch); out = epilogue(f, n)."""
     sample = tl.program_id(0)
     total = tl.zeros((BLOCK_C,), dtype=ACC)
     for c in range(0, n_chunks, BLOCK_C):
@@ -122,7 +126,8 @@ def _finish_kernel(part_ptr, f_ptr, f_stride, out_ptr, norm_ptr, n_chunks, param
         total += tl.load(part_ptr + sample * n_chunks + offs, mask=offs < n_chunks, other=0.0)
     s = tl.sum(total, axis=0)
     if SQRT:
-        n = tl.sqrt(s)
+        single = tl.load(a_ptr + sample.to(tl.int64) * N, mask=N == 1, other=0.0).to(ACC)
+        n = tl.where(N == 1, tl.abs(single), tl.sqrt(s))
         if HAS_F:
             f = tl.load(f_ptr + sample * f_stride).to(ACC)
         else:
@@ -149,7 +154,7 @@ def _scale_kernel(g_ptr, out_ptr, coef_ptr, go_ptr, f_ptr, f_stride, norm_ptr, g
             f = tl.load(f_ptr + sample * f_stride).to(ACC)
         else:
             f = n * 0.0
-        grad_f, coef = _epilogue_backward(go, f, n, param, EPI)
+        grad_f, coef, dn = _epilogue_backward(go, f, n, param, EPI)
         if HAS_F:
             if chunk == 0:
                 tl.store(grad_f_ptr + sample, grad_f.to(grad_f_ptr.dtype.element_ty))
@@ -161,7 +166,13 @@ def _scale_kernel(g_ptr, out_ptr, coef_ptr, go_ptr, f_ptr, f_stride, norm_ptr, g
         offs = j + tl.arange(0, BLOCK)
         mask = offs < stop
         x = tl.load(g_ptr + start + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + start + offs, (coef * x).to(out_ptr.dtype.element_ty), mask=mask)
+        y = coef * x
+        if FROM_EPILOGUE:
+            if EPI != 4:
+                # One element per sample: dL/dn * (g / n), as 1 / n can overflow.
+                unit = tl.where(n == 0, 0.0, x / tl.where(n == 0, 1.0, n))
+                y = tl.where(N == 1, dn * unit, y)
+        tl.store(out_ptr + start + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------- launchers
@@ -193,7 +204,7 @@ def _reduce(a: torch.Tensor, b: Optional[torch.Tensor], f: Optional[torch.Tensor
     _sumsq_kernel[(batch * n_chunks,)](a, b if b is not None else a, part, n, n_chunks,
                                        ACC=_acc(a.dtype), DOT=b is not None, CHUNK=CHUNK,
                                        BLOCK=BLOCK)
-    _finish_kernel[(batch,)](part, f if f is not None else part, f.stride(0) if f is not None else 0,
+    _finish_kernel[(batch,)](part, a, n, f if f is not None else part, f.stride(0) if f is not None else 0,
                              out, norm, n_chunks, float(param), EPI=EPILOGUES[epilogue],
                              HAS_F=f is not None, SQRT=sqrt, ACC=_acc(a.dtype),
                              BLOCK_C=max(2, min(1024, triton.next_power_of_2(n_chunks))))
