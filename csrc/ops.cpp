@@ -192,8 +192,13 @@ struct NormEpilogueFn : public Function<NormEpilogueFn<Ns>> {
         const Tensor nz = n != 0;
         const Tensor unit = at::where(nz, x / at::where(nz, n, at::ones_like(n)), at::zeros_like(n));
         grad_g = (grad_n * unit).to(g.scalar_type()).reshape(g.sizes());
-      } else {
+      } else if (e == Epilogue::R1) {
         grad_g = sample_scale_op<Ns>().call(g, coef);
+      } else {
+        // (g / n) * dL/dn: coef = dL/dn / n can overflow where the result does not.
+        const Tensor nz = n != 0;
+        const Tensor inv_n = nz.to(n.scalar_type()) / at::where(nz, n, at::ones_like(n));
+        grad_g = sample_scale_op<Ns>().call(sample_scale_op<Ns>().call(g, inv_n), grad_n);
       }
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;

@@ -56,15 +56,20 @@ void per_sample_reduce(int64_t B, int64_t N, A* out, const Partial& partial) {
   }
 }
 
-// out[b*N + j] = coef[b] * x[b*N + j], split evenly over threads.
+// out[b*N + j] = coef[b] * x[b*N + j] (with coef2: (x * coef[b]) * coef2[b]), split
+// evenly over threads.
 template <typename T>
-void scale_samples(const T* x, const acc_t<T>* coef, int64_t B, int64_t N, T* out) {
+void scale_samples(const T* x, const acc_t<T>* coef, int64_t B, int64_t N, T* out,
+                   const acc_t<T>* coef2 = nullptr) {
   if (N == 0) return;
   at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
     int64_t b = begin / N;
     while (begin < end) {
       const int64_t stop = std::min(end, (b + 1) * N);
-      scale(coef[b], x + begin, out + begin, stop - begin);
+      if (coef2)
+        scale2(coef[b], coef2[b], x + begin, out + begin, stop - begin);
+      else
+        scale(coef[b], x + begin, out + begin, stop - begin);
       begin = stop;
       ++b;
     }
@@ -95,18 +100,21 @@ void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t
                                    const T* f, int64_t f_stride, const acc_t<T>* norm, Epilogue e,
                                    acc_t<T> param, T* grad_f, T* grad_g) {
   using A = acc_t<T>;
-  std::vector<A> coef(B);
-  // One element per sample: dL/dg_b = dL/dn_b * (g_b / n_b) (n_b = |g_b| may be
-  // subnormal, 1 / n_b overflow); R1's 2 go g_b is exact as it is.
+  // dL/dg_bj = (g_bj * f0[b]) * f1[b] (epilogue.h). One element per sample: dL/dg_b =
+  // dL/dn_b * (g_b / n_b) (n_b = |g_b| may be subnormal, 1 / n_b overflow); R1's
+  // 2 go g_b is exact as it is.
+  std::vector<A> f0(B), f1(B);
   const bool single = N == 1 && e != Epilogue::R1;
   for (int64_t b = 0; b < B; ++b) {
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
-    A gf, dn;
-    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef[b], &dn);
+    A gf, coef, factors[2];
+    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef, factors);
+    f0[b] = factors[0];
+    f1[b] = factors[1];
     if (grad_f) grad_f[b] = static_cast<T>(gf);
-    if (single) grad_g[b] = static_cast<T>(epilogue_single_grad<A>(dn, static_cast<A>(g[b]), norm[b]));
+    if (single) grad_g[b] = static_cast<T>(epilogue_single_grad<A>(f1[b], static_cast<A>(g[b]), norm[b]));
   }
-  if (!single) scale_samples(g, coef.data(), B, N, grad_g);
+  if (!single) scale_samples(g, f0.data(), B, N, grad_g, f1.data());
 }
 
 // ---------------------------------------------------------------- bindings

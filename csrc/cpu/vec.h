@@ -102,6 +102,13 @@ inline void scale(acc_t<T> a, const T* x, T* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(a * static_cast<A>(x[j]));
 }
 
+// out_j = (x_j * a) * b: two factors whose product may overflow where the result does not
+template <typename T>
+inline void scale2(acc_t<T> a, acc_t<T> b, const T* x, T* out, int64_t n) {
+  using A = acc_t<T>;
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>((static_cast<A>(x[j]) * a) * b);
+}
+
 // out_j = a * x_j - b * y_j   (y in the accumulation type)
 template <typename T>
 inline void axpby(acc_t<T> a, const T* x, acc_t<T> b, const acc_t<T>* y, T* out, int64_t n) {

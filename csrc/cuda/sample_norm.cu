@@ -122,14 +122,18 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {
     const int64_t s = blk / nchunks, c = blk - s * nchunks;
-    A coef = A(0), dn = A(0);
+    // out = (g * a) * b: a = c given (b = 1), or the epilogue's two factors (epilogue.h:
+    // 1/n and dL/dn, whose product can overflow where the result does not).
+    A a = A(0), b = A(1);
     bool single = false;
     if (cs.coef) {
-      coef = cs.coef[s];
+      a = cs.coef[s];
     } else {
-      A gf = A(0);
+      A gf = A(0), coef = A(0), factors[2];
       const A fb = cs.f ? to_acc(cs.f[s * cs.f_stride]) : A(0);
-      epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef, &dn);
+      epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef, factors);
+      a = factors[0];
+      b = factors[1];
       if (c == 0 && threadIdx.x == 0 && cs.grad_f) cs.grad_f[s] = from_acc<T>(gf);
       // One element per sample: dL/dn * (g / n), as 1 / n can overflow (epilogue.h).
       single = N == 1 && cs.e != Epilogue::R1;
@@ -138,10 +142,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t len = min64(kChunkElems<T>, N - start);
     if (single) {
       if (threadIdx.x == 0)
-        out[s] = from_acc<T>(epilogue_single_grad<A>(dn, to_acc(g[s]), cs.norm[s]));
+        out[s] = from_acc<T>(epilogue_single_grad<A>(b, to_acc(g[s]), cs.norm[s]));
+    } else if (cs.coef) {
+      map_span(g + s * N + start, out + s * N + start, len,
+               [a](int64_t, A x) { return a * x; });
     } else {
       map_span(g + s * N + start, out + s * N + start, len,
-               [coef](int64_t, A x) { return coef * x; });
+               [a, b](int64_t, A x) { return (x * a) * b; });
     }
   }
 }

@@ -169,9 +169,13 @@ def _scale_kernel(g_ptr, out_ptr, coef_ptr, go_ptr, f_ptr, f_stride, norm_ptr, g
         y = coef * x
         if FROM_EPILOGUE:
             if EPI != 4:
-                # One element per sample: dL/dn * (g / n), as 1 / n can overflow.
-                unit = tl.where(n == 0, 0.0, x / tl.where(n == 0, 1.0, n))
-                y = tl.where(N == 1, dn * unit, y)
+                # (g / n) * dL/dn: g / n is at most 1, so this overflows only where the
+                # result does (coef = dL/dn / n can). One element per sample: g / n
+                # itself, as 1 / n can overflow (csrc/epilogue.h).
+                inv_n = tl.where(n == 0, 0.0, 1.0 / tl.where(n == 0, 1.0, n))
+                unit = tl.where(N == 1, tl.where(n == 0, 0.0, x / tl.where(n == 0, 1.0, n)),
+                                x * inv_n)
+                y = unit * dn
         tl.store(out_ptr + start + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
