@@ -74,9 +74,9 @@ LK_HOST_DEVICE acc_t epilogue_forward(Epilogue e, acc_t f, acc_t n, acc_t param)
 }
 
 // Given go = dL/dout_i, writes dL/df_i to *grad_f (0 for ops without f) and the
-// per-sample coefficient c_i of dL/dg_ij = c_i * g_ij to *coef; and, when factors is
-// given, two factors with dL/dg_ij = (g_ij * factors[0]) * factors[1]: 1/n_i and dL/dn_i
-// (1 and 2 go for R1, whose c_i = 2 go is exact also at n_i = 0). The fused backward
+// per-sample coefficient c_i of dL/dg_ij = c_i * g_ij to *coef; and, when scale_a and
+// scale_b are given, two factors with dL/dg_ij = (g_ij * *scale_a) * *scale_b: 1/n_i and
+// dL/dn_i (1 and 2 go for R1, whose c_i = 2 go is exact also at n_i = 0). The fused backward
 // kernels multiply by the two factors in that order: g_ij / n_i is at most 1, so the
 // product overflows only where dL/dg_ij does, while c_i itself can (dL/dn_i = 1e22 over
 // n_i = 1e-18 in float32).
@@ -86,7 +86,7 @@ LK_HOST_DEVICE acc_t epilogue_forward(Epilogue e, acc_t f, acc_t n, acc_t param)
 template <typename acc_t>
 LK_HOST_DEVICE void epilogue_backward(
     Epilogue e, acc_t go, acc_t f, acc_t n, acc_t param, acc_t* grad_f, acc_t* coef,
-    acc_t* factors = nullptr) {
+    acc_t* scale_a = nullptr, acc_t* scale_b = nullptr) {
   // 1/n, masked to 0 where n = 0 (a NaN n stays NaN). For a sample of several elements
   // n is a square root of a sum of squares in acc_t, 0 or >= the square root of the
   // least subnormal, so 1/n is finite.
@@ -129,10 +129,8 @@ LK_HOST_DEVICE void epilogue_backward(
   }
   *grad_f = gf;
   *coef = e == Epilogue::R1 ? go * acc_t(2) : dn * inv_n;
-  if (factors) {
-    factors[0] = e == Epilogue::R1 ? acc_t(1) : inv_n;
-    factors[1] = e == Epilogue::R1 ? go * acc_t(2) : dn;
-  }
+  if (scale_a) *scale_a = e == Epilogue::R1 ? acc_t(1) : inv_n;
+  if (scale_b) *scale_b = e == Epilogue::R1 ? go * acc_t(2) : dn;
 }
 
 // dL/dg_i of a one-element sample: dL/dn_i * (g_i / n_i), 0 where n_i = 0 (as torch's

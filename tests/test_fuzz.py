@@ -19,7 +19,7 @@ CI runs a fixed, derandomized profile (``derandomize=True``, ``deadline=None``):
 same cases every run, at least 10,000 of them on the cpu backend; the count is printed
 at the end of the module. ``LIPKERNELS_FUZZ_SCALE`` multiplies the number of cases (e.g.
 0.1 for a quick local run, 10 for a long one). The emulated CUDA backend
-(``LIPKERNELS_TEST_BACKENDS=cuda``) runs an eighth of the cases, the Triton interpreter
+(``LIPKERNELS_TEST_BACKENDS=cuda``) runs a tenth of the cases, the Triton interpreter
 a small share in its own ``-m triton`` test.
 
 Values whose squares are subnormal in the accumulation dtype (about 1e-20 in float32)
@@ -46,9 +46,12 @@ from lipkernels import ops  # noqa: E402
 from conftest import COMPILED_BACKENDS, INTERPRETING, TOLERANCES, backend_context  # noqa: E402
 
 SCALE = float(os.environ.get("LIPKERNELS_FUZZ_SCALE", "1"))
+#: The Triton interpreter has no bfloat16 arithmetic (tests/test_triton.py): bfloat16
+#: only on a GPU. The explicit @example cases in bfloat16 are skipped there.
+TRITON_DTYPES = tuple(DTYPES) if torch.cuda.is_available() else (torch.float64, torch.float32, torch.float16)
 #: Share of the cases per backend: the emulated CUDA kernels and the Triton interpreter
 #: are much slower than the CPU kernels.
-BACKEND_SHARE = {"cpu": 1.0, "cuda": 1.0 if torch.cuda.is_available() else 0.125, "triton": 1.0}
+BACKEND_SHARE = {"cpu": 1.0, "cuda": 1.0 if torch.cuda.is_available() else 0.1, "triton": 1.0}
 
 COUNTS: collections.Counter = collections.Counter()
 
@@ -170,8 +173,8 @@ def _layout(values: torch.Tensor, layout: str, dtype, gen: torch.Generator) -> t
 
 
 @st.composite
-def per_sample_case(draw, sizes=SIZES, max_elements=70_000):
-    dtype = draw(st.sampled_from(DTYPES))
+def per_sample_case(draw, sizes=SIZES, max_elements=70_000, dtypes=tuple(DTYPES)):
+    dtype = draw(st.sampled_from(dtypes))
     batch = draw(st.sampled_from(BATCHES))
     form = draw(st.sampled_from(["flat", "image", "high_rank"]))
     if form == "flat":
@@ -351,9 +354,11 @@ def check_per_sample(backend: str, op: str, case, param_index: int = 0) -> None:
 PER_OP_EXAMPLES = 1400
 
 
-def _per_sample_test(op, backend, examples=PER_OP_EXAMPLES, sizes=SIZES, max_elements=70_000):
+def _per_sample_test(op, backend, examples=PER_OP_EXAMPLES, sizes=SIZES, max_elements=70_000,
+                     dtypes=tuple(DTYPES)):
     @_settings(examples, backend)
-    @given(case=per_sample_case(sizes=sizes, max_elements=max_elements), param_index=st.integers(0, 3))
+    @given(case=per_sample_case(sizes=sizes, max_elements=max_elements, dtypes=dtypes),
+           param_index=st.integers(0, 3))
     # Regression cases found by this fuzzer (dtype, shape, layout, g values, f values, f layout, seed):
     # a float16 g whose norm overflows float16 (sample_norm's backward used the rounded Inf norm
     # in the reference); a float32 g whose squares overflow (R1's reference backward overflowed).
@@ -362,6 +367,8 @@ def _per_sample_test(op, backend, examples=PER_OP_EXAMPLES, sizes=SIZES, max_ele
     @example(case=(torch.float32, (0, 5), "offset", "normal", "normal", "expanded", 1), param_index=2)
     @example(case=(torch.bfloat16, (1, 1), "transposed", "subnormal", "tiny", "strided", 2), param_index=3)
     def run(case, param_index):
+        if case[0] not in dtypes:
+            return  # an explicit example in a dtype this backend does not run
         check_per_sample(backend, op, case, param_index)
     run()
 
@@ -376,10 +383,11 @@ def test_fuzz_per_sample_ops(backend_name, op):
 @pytest.mark.parametrize("op", list(PER_SAMPLE))
 def test_fuzz_per_sample_ops_triton(op):
     """A small share under the interpreter: small shapes (and sizes across its 1024
-    blocks), 30 cases per op."""
+    blocks), 20 cases per op."""
     if "triton" not in lipkernels.available_backends():
         pytest.skip("triton backend unavailable: " + lipkernels.backend_status()["triton"][1])
-    _per_sample_test(op, "triton", examples=30, sizes=[1, 2, 7, 64, 1023, 1025], max_elements=5000)
+    _per_sample_test(op, "triton", examples=20, sizes=[1, 2, 7, 64, 1023, 1025], max_elements=5000,
+                     dtypes=TRITON_DTYPES)
 
 
 # ------------------------------------------------------------------ spectral norm
@@ -390,8 +398,8 @@ SN_MAGNITUDES = {torch.float64: 1e100, torch.float32: 1e12, torch.bfloat16: 1e12
 
 
 @st.composite
-def spectral_case(draw):
-    dtype = draw(st.sampled_from(DTYPES))
+def spectral_case(draw, dtypes=tuple(DTYPES)):
+    dtype = draw(st.sampled_from(dtypes))
     n_layers = draw(st.integers(1, 3))
     shapes = []
     for _ in range(n_layers):
@@ -492,12 +500,14 @@ def check_spectral(backend: str, case) -> None:
     COUNTS[f"spectral[{backend}]"] += 1
 
 
-def _spectral_test(backend, examples):
+def _spectral_test(backend, examples, dtypes=tuple(DTYPES)):
     @_settings(examples, backend)
-    @given(case=spectral_case())
+    @given(case=spectral_case(dtypes=dtypes))
     @example(case=(torch.float32, ((3, 4),), "contiguous", "zeros", 1, True, 1e-12, 0))
     @example(case=(torch.float16, ((1, 1), (2, 3, 1, 4)), "channels_last", "mixed", 0, False, 1e-4, 1))
     def run(case):
+        if case[0] not in dtypes:
+            return
         check_spectral(backend, case)
     run()
 
@@ -511,7 +521,7 @@ def test_fuzz_spectral_norm(backend_name):
 def test_fuzz_spectral_norm_triton():
     if "triton" not in lipkernels.available_backends():
         pytest.skip("triton backend unavailable: " + lipkernels.backend_status()["triton"][1])
-    _spectral_test("triton", 30)
+    _spectral_test("triton", 20, dtypes=TRITON_DTYPES)
 
 
 # ------------------------------------------------------------------ clipping

@@ -107,10 +107,8 @@ void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t
   const bool single = N == 1 && e != Epilogue::R1;
   for (int64_t b = 0; b < B; ++b) {
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
-    A gf, coef, factors[2];
-    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef, factors);
-    f0[b] = factors[0];
-    f1[b] = factors[1];
+    A gf, coef;
+    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef, &f0[b], &f1[b]);
     if (grad_f) grad_f[b] = static_cast<T>(gf);
     if (single) grad_g[b] = static_cast<T>(epilogue_single_grad<A>(f1[b], static_cast<A>(g[b]), norm[b]));
   }

@@ -129,11 +129,9 @@ __global__ void __launch_bounds__(kThreads)
     if (cs.coef) {
       a = cs.coef[s];
     } else {
-      A gf = A(0), coef = A(0), factors[2];
+      A gf = A(0), coef = A(0);
       const A fb = cs.f ? to_acc(cs.f[s * cs.f_stride]) : A(0);
-      epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef, factors);
-      a = factors[0];
-      b = factors[1];
+      epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef, &a, &b);
       if (c == 0 && threadIdx.x == 0 && cs.grad_f) cs.grad_f[s] = from_acc<T>(gf);
       // One element per sample: dL/dn * (g / n), as 1 / n can overflow (epilogue.h).
       single = N == 1 && cs.e != Epilogue::R1;
