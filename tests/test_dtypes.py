@@ -200,8 +200,9 @@ CASES = _autocast_cases()
 #: 10% of the largest element: bfloat16 keeps 8 significant bits, float16 11. Through the
 #: three layers below (up to 72 terms per dot product, each operand rounded) and a double
 #: backward, the bfloat16 gradients here differ from float32 by up to 5% of the largest
-#: element (measured, CPU); 8e-2 leaves a margin of 1.5-2x. float16 scaled by 2^-3.
-AMP_TOL = {torch.bfloat16: (8e-2, 1e-3), torch.float16: (1e-2, 1e-4)}
+#: element (measured, CPU); 8e-2 leaves a margin of 1.5-2x. float16 (CPU autocast under
+#: the Triton interpreter): up to 1.3% measured, 2e-2 allowed.
+AMP_TOL = {torch.bfloat16: (8e-2, 1e-3), torch.float16: (2e-2, 2e-4)}
 
 
 def _discriminator(out_dim=1):
@@ -456,3 +457,30 @@ def test_mixed_dtypes_other_ops_unchanged():
     assert ops.r1_penalty(g).dtype == torch.float32
     with pytest.raises(TypeError, match="f must be a floating-point tensor"):
         ops.gn_normalize(torch.ones(3, dtype=torch.int64), g)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("check", ["sn_layers", "gradnorm", "gran", "penalties", "ops"])
+def test_autocast_triton(check):
+    """The autocast tests on the Triton backend. Under the interpreter (CPU tensors) with
+    CPU autocast to float16: the interpreter has no bfloat16 arithmetic, and float16
+    inputs only reach the kernels in the ops check (the layers' weights and inputs stay
+    float32, GN/GraN promote f to g's float32)."""
+    if "triton" not in lipkernels.available_backends():
+        pytest.skip("triton backend unavailable: " + lipkernels.backend_status()["triton"][1])
+    from conftest import device_for
+    cases = [(d, t) for d, t in AUTOCAST if d == device_for("triton").type]
+    if not torch.cuda.is_available():
+        cases = [("cpu", torch.float16)]
+    for device_type, amp_dtype in cases:
+        if check == "sn_layers":
+            test_autocast_sn_layers("triton", device_type, amp_dtype, True)
+        elif check == "gradnorm":
+            test_autocast_gradnorm_wrappers("triton", device_type, amp_dtype, "gn")
+        elif check == "gran":
+            test_autocast_gradnorm_wrappers("triton", device_type, amp_dtype, "gran")
+        elif check == "penalties":
+            test_autocast_penalties_and_losses("triton", device_type, amp_dtype, "gradient_penalty")
+        else:
+            test_autocast_ops_unchanged("triton", device_type, amp_dtype, torch.float32)
+            test_autocast_ops_unchanged("triton", device_type, amp_dtype, "amp")
