@@ -159,7 +159,8 @@ def test_complex_explicit_compiled_backend_refuses(name):
     u = torch.nn.functional.normalize(torch.randn(4, dtype=torch.complex64), dim=0)
     v = torch.nn.functional.normalize(torch.randn(3, dtype=torch.complex64), dim=0)
     with backend_context(name):
-        w, u, v = w.to(torch.get_default_device()), u.to(w.device), v.to(w.device)
+        device = torch.get_default_device()
+        w, u, v = w.to(device), u.to(device), v.to(device)
         for call in (lambda: ops.power_iteration([w], [u], [v], 1),
                      lambda: ops.spectral_normalize([w], [u], [v], 1),
                      lambda: lipkernels.spectral_norm(nn.Linear(3, 4, dtype=torch.complex64))):
@@ -257,13 +258,23 @@ def test_autocast_sn_layers(backend, device_type, amp_dtype, group):
         # Embedding is not autocast: float32 out, the same as without autocast.
         _check_amp(*_run_model(emb, lambda m: m(idx), device_type, amp_dtype), amp_dtype,
                    "SNEmbedding", torch.float32)
-        # torch's own spectral norm under autocast: the same dtype and numbers.
+        # Against torch's own spectral norm: its W_sn (and u, v) computed without autocast,
+        # since the weight is a parameter, then the autocast linear. (torch's layer itself
+        # under CUDA autocast runs its power iteration's torch.mv in float16.)
         theirs, ours = _pair(lambda: nn.Linear(6, 5), 1)
         xs = torch.randn(3, 6)
-        with torch.autocast(device_type, dtype=amp_dtype):
-            a, b = theirs(xs), ours(xs)
-        assert a.dtype == b.dtype == amp_dtype
-        assert_close(b, a, dtype=amp_dtype, what="SNLinear vs torch under autocast")
+        for training in (True, False):
+            theirs.train(training)
+            ours.train(training)
+            w_sn = theirs.weight
+            with torch.autocast(device_type, dtype=amp_dtype):
+                a = nn.functional.linear(xs, w_sn, theirs.bias)
+                b = ours(xs)
+            assert a.dtype == b.dtype == amp_dtype
+            assert_close(b, a, dtype=amp_dtype, what="SNLinear vs torch under autocast")
+            for x, y in zip(_buffers(ours), _buffers(theirs)):
+                assert x.dtype == torch.float32
+                assert_close(x, y, what="u, v after a step under autocast")
 
 
 @pytest.mark.parametrize("backend,device_type,amp_dtype", CASES)
