@@ -107,7 +107,8 @@ def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
 
     Args:
         weights: L tensors of rank >= 2, each viewed as ``w.flatten(1)`` (m, k);
-            one dtype and device for all. Not differentiated.
+            one dtype and device for all (floating point, or complex: computed by the
+            reference, see the module docstring). Not differentiated.
         us: L contiguous vectors (m,), updated in place.
         vs: L contiguous vectors (k,), updated in place.
         n_power_iterations: >= 0; with 0, only ``sigma = u^T W v`` is computed.
