@@ -342,10 +342,20 @@ def check_per_sample(backend: str, op: str, case, param_index: int = 0) -> None:
         device = torch.get_default_device()
         actual = _run(fn, f.to(device), g.to(device), param, uses_f)
     names = ("out", "df", "dg") if uses_f else ("out", "dg")
+    terms = {}
+    if op == "gradient_penalty" and g.shape[0] > 0:
+        # (n - c)^2 and 2 (n - c) g / n cancel where n is near c: their rounding is
+        # relative to the size of the terms, n^2 + c^2 and 2 max(n, |c|) / B.
+        n64 = torch.linalg.vector_norm(g.to(torch.float64), dim=tuple(range(1, g.dim())))
+        n64 = n64[n64.isfinite()]
+        if n64.numel():
+            terms = {"out": (n64.square().mean() + param ** 2).item(),
+                     "dg": 2 * max(n64.max().item(), abs(param)) / g.shape[0]}
     for name, a, e, p, ea in zip(names, actual, exact, plain, exact_acc):
         _check(a, e, p, dtype if name != "out" or op not in ("gradient_penalty", "r1_penalty")
                else (torch.float64 if dtype == torch.float64 else torch.float32),
-               f"{op} [{backend}] {name}, case {case}, param {param}", exact_acc=ea)
+               f"{op} [{backend}] {name}, case {case}, param {param}", exact_acc=ea,
+               term_scale=terms.get(name, 0.0))
     COUNTS[f"{op}[{backend}]"] += 1
 
 

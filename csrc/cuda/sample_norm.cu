@@ -141,10 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     if (single) {
       if (threadIdx.x == 0)
         out[s] = from_acc<T>(epilogue_single_grad<A>(b, to_acc(g[s]), cs.norm[s]));
-    } else if (cs.coef) {
-      map_span(g + s * N + start, out + s * N + start, len,
-               [a](int64_t, A x) { return a * x; });
-    } else {
+    } else {  // (x * a) * 1 = a x exactly for sample_scale's given c
       map_span(g + s * N + start, out + s * N + start, len,
                [a, b](int64_t, A x) { return (x * a) * b; });
     }
