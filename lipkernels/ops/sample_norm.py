@@ -22,11 +22,17 @@ float32). GN and GraN then compute in the wider dtype
 (``torch.promote_types(f.dtype, g.dtype)``) and return ``f``'s dtype. Autocast is off
 inside every op, so each runs in its inputs' dtypes on every backend.
 
-Edge cases (finite input never gives NaN or Inf):
+Edge cases (finite input never gives NaN or Inf; docs/math.md section 10):
 
 * ``dn_i/dg_i = g_i / n_i`` is defined as 0 where ``n_i = 0`` (as in
   ``torch.linalg.vector_norm``), so a zero gradient gets a zero gradient back;
-* GN at ``f_i = 0`` and ``n_i = 0`` (0/0) is defined as 0, with zero derivatives.
+* GN at ``f_i = 0`` and ``n_i = 0`` (0/0) is defined as 0, with zero derivatives; it is
+  the only case redefined: NaN and Inf in ``f`` or ``g`` propagate as the plain formula
+  does, forward and backward, on every backend;
+* an empty batch (``B = 0``) gives empty outputs and gradients (the penalties: NaN,
+  torch's mean of nothing);
+* ``eps`` / ``center`` beyond the range of the dtype the op computes in (float64 for
+  float64 ``g``, float32 otherwise), or rounding to 0 there, is a ``ValueError``.
 
 Compiled backends read ``g`` once forward and once backward (plus one write of
 ``dL/dg``), accumulate in float32 for float16/bfloat16 inputs, and support
