@@ -102,7 +102,7 @@ LK_HOST_DEVICE void epilogue_backward(
       if (d == acc_t(0)) break;
       dn = -go * ((f / d) / d);  // autograd's d(f/d)/d(d)
       if (lk_finite(d))
-        gf = go * ((n / d) / d);
+        gf = (go * (n / d)) / d;  // n / d <= 1: 0 (not NaN) for go = 0 where 1 / d overflows
       else  // n or f infinite or NaN: autograd's go/d + dn * sgn(f)
         gf = go / d + dn * lk_sgn(f);
       break;

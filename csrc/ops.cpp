@@ -136,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, 
       const Tensor grad_d = at::where(dzero, at::zeros_like(d), -go * ((f / d_safe) / d_safe));
       const Tensor grad_f = at::where(
           dzero, at::zeros_like(d),
-          at::where(d.isfinite(), go * ((n / d_safe) / d_safe), go / d_safe + grad_d * f.sgn()));
+          at::where(d.isfinite(), (go * (n / d_safe)) / d_safe, go / d_safe + grad_d * f.sgn()));
       return {grad_f, grad_d * inv_n, grad_d};
     }
     case Epilogue::GraN: {

@@ -376,6 +376,17 @@ def _per_sample_test(op, backend, examples=PER_OP_EXAMPLES, sizes=SIZES, max_ele
     @example(case=(torch.float32, (3, 8), "expanded_batch", "huge", "special", "(B, 1)", 5), param_index=1)
     @example(case=(torch.float32, (0, 5), "offset", "normal", "normal", "expanded", 1), param_index=2)
     @example(case=(torch.bfloat16, (1, 1), "transposed", "subnormal", "tiny", "strided", 2), param_index=3)
+    # GraN's coefficient dL/dn / n overflowed float32 (1e22 / 1e-18) where dL/dg does not.
+    @example(case=(torch.float32, (1, 2), "contiguous", "tiny", "huge", "(B,)", 0), param_index=0)
+    # Squares that underflow float32 (n = 0 there) under a tiny f.
+    @example(case=(torch.float32, (8, 2), "contiguous", "subnormal", "tiny", "(B,)", 0), param_index=0)
+    @example(case=(torch.float32, (2, 2), "contiguous", "subnormal", "mixed", "(B,)", 0), param_index=0)
+    # GN's d f-hat / d f = n / d^2 overflowing float64 (subnormal n = d) under a zero
+    # upstream gradient: 0, as the plain formula gives, not 0 * Inf.
+    @example(case=(torch.float64, (4, 1), "contiguous", "subnormal", "zeros", "(B,)", 0), param_index=0)
+    # GP near its center: (n - c)^2 cancels (65534 elements sharing memory per sample).
+    @example(case=(torch.bfloat16, (2, 32767), "expanded_inner", "zero_rows", "normal", "(B,)", 0),
+             param_index=0)
     def run(case, param_index):
         if case[0] not in dtypes:
             return  # an explicit example in a dtype this backend does not run
@@ -515,6 +526,10 @@ def _spectral_test(backend, examples, dtypes=tuple(DTYPES)):
     @given(case=spectral_case(dtypes=dtypes))
     @example(case=(torch.float32, ((3, 4),), "contiguous", "zeros", 1, True, 1e-12, 0))
     @example(case=(torch.float16, ((1, 1), (2, 3, 1, 4)), "channels_last", "mixed", 0, False, 1e-4, 1))
+    # A 1 x 1 weight near eps: dW = 0 exactly, the kernels' rounding at the size of G / sigma.
+    @example(case=(torch.float32, ((1, 1, 1, 1),), "contiguous", "tiny", 1, False, 1e-12, 1161641))
+    # bfloat16 u, v in dW's rank-one correction.
+    @example(case=(torch.bfloat16, ((3, 2),), "contiguous", "normal", 1, True, 1e-12, 1))
     def run(case):
         if case[0] not in dtypes:
             return
@@ -571,6 +586,9 @@ def check_clip(backend, case):
 def test_fuzz_clip(backend_name):
     @_settings(700, backend_name)
     @given(case=clip_case())
+    # c beyond float16's range: torch's clamp raised in the reference, the kernels did not.
+    @example(case=(torch.float16, (1, 64), "huge", 1e30, True, 0))
+    @example(case=(torch.float16, (65,), "special", 1e30, False, 1))
     def run(case):
         check_clip(backend_name, case)
     run()

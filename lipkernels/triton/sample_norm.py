@@ -69,7 +69,7 @@ def _epilogue_backward(go, f, n, param, EPI: tl.constexpr):
         d_safe = tl.where(dzero, 1.0, d)
         dn = tl.where(dzero, 0.0, -go * ((f / d_safe) / d_safe))
         sgn = tl.where(f > 0, 1.0, tl.where(f < 0, -1.0, f * 0.0))
-        grad_f = tl.where(_finite(d), go * ((n / d_safe) / d_safe), go / d_safe + dn * sgn)
+        grad_f = tl.where(_finite(d), (go * (n / d_safe)) / d_safe, go / d_safe + dn * sgn)
         grad_f = tl.where(dzero, 0.0, grad_f)
         coef = dn * inv_n
     elif EPI == 2:
