@@ -32,16 +32,19 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _layout
 
 
 def active() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp, ...) is running. False while
-    torch.compile traces (the compiled ops are what a traced graph holds)."""
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is running, or forward-mode
+    AD (``torch.autograd.forward_ad.dual_level``, which the C++ autograd lacks too).
+    False while torch.compile traces (the compiled ops are what a traced graph holds)."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or _forward_ad._current_level >= 0)
 
 
 # ----------------------------------------------------------------- kernel ops per backend
@@ -186,8 +189,9 @@ class _Epilogue(torch.autograd.Function):
             grad_g = (_per_sample_view(goa * c, g) * g).to(g.dtype)
             grad_f = (goa * a).to(f.dtype) if f is not None else None
         else:
-            grad_f, grad_g = _EpilogueBackward.apply(ctx.kern, go, g, f, norm, ctx.epilogue,
-                                                     ctx.param)
+            # The fused kernel; under vmap (jacrev, is_grads_batched) its batching rule.
+            grad_f, grad_g = ctx.kern.norm_epilogue_backward(go, g, f, norm, ctx.epilogue,
+                                                             ctx.param)
             grad_f = grad_f if f is not None else None
         return None, grad_g, grad_f, None, None
 
@@ -211,33 +215,6 @@ class _Epilogue(torch.autograd.Function):
         out, norm = _Epilogue.apply(kern, _fold(g, g_d, size), _fold(f, f_d, size), epilogue,
                                     param)
         return (_unfold(out, size), _unfold(norm, size)), (0, 0)
-
-
-class _EpilogueBackward(torch.autograd.Function):
-    """The fused backward kernel (dL/df, dL/dg), batched by folding like the forward.
-    Only run where it is not differentiated (see _Epilogue.backward)."""
-
-    @staticmethod
-    def forward(kern, go, g, f, norm, epilogue, param):
-        return kern.norm_epilogue_backward(go, g, f, norm, epilogue, param)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("lipkernels: the fused per-sample backward is not differentiable; "
-                           "its differentiable form runs where grad mode is on")
-
-    @staticmethod
-    def vmap(info, in_dims, kern, go, g, f, norm, epilogue, param):
-        size = info.batch_size
-        _, go_d, g_d, f_d, n_d, _, _ = in_dims
-        grad_f, grad_g = _EpilogueBackward.apply(
-            kern, _fold(go, go_d, size), _fold(g, g_d, size), _fold(f, f_d, size),
-            _fold(norm, n_d, size), epilogue, param)
-        return (_unfold(grad_f, size), _unfold(grad_g, size)), (0, 0)
 
 
 def per_sample(impl, epilogue: str, f: Optional[torch.Tensor], g: torch.Tensor,
@@ -306,10 +283,14 @@ class _SNForward(torch.autograd.Function):
         uv, sigmas, *ws = ctx.saved_tensors
         n = ctx.n_layers
         gs = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[:n], ws)]
-        if torch.is_grad_enabled():
+        legacy_batched = any(torch._C._functorch.is_legacy_batchedtensor(g) for g in gs)
+        if torch.is_grad_enabled() or legacy_batched:
+            # Differentiated itself, or batched by the legacy vmap of is_grads_batched /
+            # gradcheck (no rule for a Tensor[] op there): torch ops.
             out = _sn_backward_torch(gs, ws, uv, ctx.eps)
         else:
-            out = list(_SNBackward.apply(ctx.kern, n, ctx.eps, uv, sigmas, *gs, *ws))
+            # The fused kernel; under vmap (jacrev, is_grads_batched) its batching rule.
+            out = ctx.kern.sn_backward(gs, ws, uv, sigmas, ctx.eps)
         return (None, None, None, None, *out) + (None,) * (2 * n)
 
     @staticmethod
@@ -347,42 +328,6 @@ class _SNForward(torch.autograd.Function):
         sigmas = out[-2].reshape(size, n_layers)
         uv = out[-1].reshape(size, -1)
         return (*w_sn, sigmas, uv), (0,) * (n_layers + 2)
-
-
-class _SNBackward(torch.autograd.Function):
-    """apply(kern, L, eps, uv, sigmas, *grads, *weights) -> dL/dW per layer, the fused
-    kernel; batched as V * L layers. Only run where it is not differentiated."""
-
-    @staticmethod
-    def forward(kern, n_layers, eps, uv, sigmas, *tensors):
-        grads, ws = list(tensors[:n_layers]), list(tensors[n_layers:])
-        return tuple(kern.sn_backward(grads, ws, uv, sigmas, eps))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("lipkernels: the fused spectral-norm backward is not differentiable; "
-                           "its differentiable form runs where grad mode is on")
-
-    @staticmethod
-    def vmap(info, in_dims, kern, n_layers, eps, uv, sigmas, *tensors):
-        size = info.batch_size
-        uv_d, s_d = in_dims[3], in_dims[4]
-        uvs = _front(uv, uv_d, size) if uv_d is not None else None
-        ss = _front(sigmas, s_d, size) if s_d is not None else None
-        slices = _layer_slices(tensors, in_dims[5:], size)
-        grads, ws, uv_all, s_all = [], [], [], []
-        for i, per in enumerate(slices):
-            grads += per[:n_layers]
-            ws += per[n_layers:]
-            uv_all.append(uvs[i] if uvs is not None else uv)
-            s_all.append(ss[i] if ss is not None else sigmas)
-        out = _SNBackward.apply(kern, size * n_layers, eps, torch.cat(uv_all), torch.cat(s_all),
-                                *grads, *ws)
-        return tuple(torch.stack(out[l::n_layers]) for l in range(n_layers)), (0,) * n_layers
 
 
 class _StoreVectors(torch.autograd.Function):
@@ -504,3 +449,90 @@ def power_iteration_reference(weights, us, vs, n_power_iterations: int, eps: flo
         sigmas = [torch.vdot(u, torch.mv(w.detach().flatten(1), v)).to(_layout.acc_dtype(w.dtype))
                   for w, u, v in zip(weights, us, vs)]
     return torch.stack(sigmas)
+
+
+# ----------------------------------------------------------------- batching rules of the kernel ops
+#
+# The compiled backends' autograd (C++, torch.library) calls these kernel ops in its
+# backward; when that backward runs under vmap (``is_grads_batched=True``, gradcheck's
+# batched-gradient check, jacrev of a function computed outside the transform) they get
+# batched gradients. Their rules fold the vmapped dim into the batch (per-sample ops)
+# or into more layers (spectral norm), and run the kernel once.
+
+def _dims_of(d, n):
+    """in_dims of a list argument: one per element (torch gives a list; an int/None
+    applies to all)."""
+    return list(d) if isinstance(d, (list, tuple)) else [d] * n
+
+
+def _rule_per_sample(op, n_tensors: int, n_out: int):
+    """A per-sample kernel op: its first ``n_tensors`` arguments are (B, ...) tensors (or
+    None), its ``n_out`` outputs (B, ...) (an output of 0 elements stays empty)."""
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        folded = [_fold(t, d, size) for t, d in zip(args[:n_tensors], in_dims[:n_tensors])]
+        out = op(*folded, *args[n_tensors:])
+        if n_out == 1:
+            return _unfold(out, size), 0
+        return tuple(_unfold(o, size) for o in out), (0,) * n_out
+    return rule
+
+
+def _slices(t, d, size):
+    return list(_front(t, d, size)) if d is not None else [t] * size
+
+
+def _rule_sn_backward_lists(op):
+    """``_sn_backward(grads[], weights[], uv, sigmas, eps) -> Tensor[]``: V * L layers."""
+    def rule(info, in_dims, grads, weights, uv, sigmas, eps):
+        size, n = info.batch_size, len(weights)
+        g_d, w_d = _dims_of(in_dims[0], n), _dims_of(in_dims[1], n)
+        gs = [_slices(g, d, size) for g, d in zip(grads, g_d)]
+        ws = [_slices(w, d, size) for w, d in zip(weights, w_d)]
+        out = op([gs[l][i] for i in range(size) for l in range(n)],
+                 [ws[l][i] for i in range(size) for l in range(n)],
+                 torch.cat(_slices(uv, in_dims[2], size)),
+                 torch.cat(_slices(sigmas, in_dims[3], size)), eps)
+        return [torch.stack(list(out[l::n])) for l in range(n)], [0] * n
+    return rule
+
+
+def _rule_sn_backward_flat(op):
+    """Triton's ``sn_backward(grad_flat, weights[], uv, sigmas, eps) -> flat``."""
+    def rule(info, in_dims, grad, weights, uv, sigmas, eps):
+        size, n = info.batch_size, len(weights)
+        w_d = _dims_of(in_dims[1], n)
+        ws = [_slices(w, d, size) for w, d in zip(weights, w_d)]
+        out = op(torch.cat(_slices(grad, in_dims[0], size)),
+                 [ws[l][i] for i in range(size) for l in range(n)],
+                 torch.cat(_slices(uv, in_dims[2], size)),
+                 torch.cat(_slices(sigmas, in_dims[3], size)), eps)
+        return out.reshape(size, -1), 0
+    return rule
+
+
+def register(ns: str) -> None:
+    """The batching rules of the compiled operator namespace ``ns`` (lipkernels,
+    lipkernels_cuda_emu)."""
+    ops = getattr(torch.ops, ns)
+    rules = {
+        "_norm_epilogue": _rule_per_sample(ops._norm_epilogue, 2, 2),
+        "_norm_epilogue_backward": _rule_per_sample(ops._norm_epilogue_backward, 4, 2),
+        "sample_scale": _rule_per_sample(ops.sample_scale, 2, 1),
+        "sample_dot": _rule_per_sample(ops.sample_dot, 2, 1),
+        "_sn_backward": _rule_sn_backward_lists(ops._sn_backward),
+    }
+    for name, rule in rules.items():
+        torch.library.register_vmap(f"{ns}::{name}", rule)
+
+
+def register_triton(sample_norm=None, spectral_norm=None) -> None:
+    """The batching rules of the Triton backend's custom ops (lipkernels_triton::)."""
+    if sample_norm is not None:
+        sample_norm.norm_epilogue.register_vmap(_rule_per_sample(sample_norm.norm_epilogue, 2, 2))
+        sample_norm.norm_epilogue_backward.register_vmap(
+            _rule_per_sample(sample_norm.norm_epilogue_backward, 4, 2))
+        sample_norm.sample_scale.register_vmap(_rule_per_sample(sample_norm.sample_scale, 2, 1))
+        sample_norm.sample_dot.register_vmap(_rule_per_sample(sample_norm.sample_dot, 2, 1))
+    if spectral_norm is not None:
+        spectral_norm.sn_backward.register_vmap(_rule_sn_backward_flat(spectral_norm.sn_backward))

@@ -457,3 +457,13 @@ def spectral_normalize(weights, us, vs, n_power_iterations: int, eps: float,
     if iters > 0:
         _store(us, vs, uv)
     return _split(flat, weights)
+
+
+# Batching rules (torch.func.vmap, is_grads_batched): lipkernels/ops/_func.py.
+def _register_vmap() -> None:
+    import sys
+    from ..ops import _func
+    _func.register_triton(spectral_norm=sys.modules[__name__])
+
+
+_register_vmap()
