@@ -483,3 +483,49 @@ def test_batching_rules_of_the_kernel_ops(compiled_backend):
         expected = torch.stack([kern.sn_backward([gr[i] for gr in grads], ws, uv, sigmas, 1e-12)[l]
                                 for i in range(3)])
         close(actual[l], expected, f"sn backward layer {l}")
+
+
+# ================================================================== GN, GraN and the penalties
+
+def _critic():
+    torch.manual_seed(11)
+    return nn.Sequential(lipkernels.nn.SNLinear(6, 4), nn.Tanh(), lipkernels.nn.SNLinear(4, 1)).double()
+
+
+PENALTIES = {
+    "GradNorm": lambda D, x: lipkernels.nn.GradNorm(D)(x).sum(),
+    "GraN": lambda D, x: lipkernels.nn.GraN(D, tau=0.5, eps=1e-3)(x).sum(),
+    "gradient_penalty": lambda D, x: lipkernels.gradient_penalty(
+        D, x, x.flip(0), alpha=torch.linspace(0.1, 0.9, x.shape[0], dtype=D_DTYPE)),
+    "r1_penalty": lambda D, x: lipkernels.r1_penalty(D, x, gamma=3.0),
+}
+D_DTYPE = D
+
+
+@pytest.mark.parametrize("name", list(PENALTIES))
+def test_gradient_normalized_layers_and_penalties_under_grad(backend, name):
+    """torch.func.grad over the parameters (the input gradient is taken with
+    torch.func.vjp inside a transform) = plain autograd (torch.autograd.grad inside)."""
+    model = _critic().eval()
+    x = torch.randn(5, 6, dtype=D)
+    params, buffers = _state(model)
+
+    def loss(p):
+        return PENALTIES[name](lambda inp: functional_call(model, (p, buffers), (inp,)), x)
+
+    actual = grad(loss)(params)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    expected = dict(zip(leaves, reference(lambda: torch.autograd.grad(
+        loss(leaves), list(leaves.values()), materialize_grads=True))))  # GP, R1: not the last bias
+    for k in params:
+        close(actual[k], expected[k], f"{name} d/d{k}")
+    if name == "GradNorm":
+        # Per-sample gradients of GN's output: vmap over grad.
+        per = vmap(grad(lambda p, xi: PENALTIES[name](
+            lambda inp: functional_call(model, (p, buffers), (inp,)), xi.unsqueeze(0))),
+            in_dims=(None, 0))(params, x)
+        for k in params:
+            each_k = torch.stack([reference(lambda i=i: torch.autograd.grad(
+                PENALTIES[name](lambda inp: functional_call(model, (leaves, buffers), (inp,)),
+                                x[i:i + 1]), leaves[k])[0]) for i in range(x.shape[0])])
+            close(per[k], each_k, f"per-sample GN d/d{k}")

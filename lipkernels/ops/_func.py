@@ -47,6 +47,12 @@ def active() -> bool:
             or _forward_ad._current_level >= 0)
 
 
+def transforming() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is running."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 # ----------------------------------------------------------------- kernel ops per backend
 
 class _CppKernels:
