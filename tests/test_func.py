@@ -402,7 +402,8 @@ def test_layer_gradcheck_with_batched_grad(backend, training):
 
     inputs = tuple(t.detach().clone().requires_grad_(True)
                    for t in (p["parametrizations.weight.original"], p["bias"], x[:2]))
-    assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True)
+    assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True, check_forward_ad=True,
+                                    check_batched_forward_grad=True)
     if not training:
         # In training mode u, v follow W through the iteration, which the derivative
         # ignores (as torch's does): only first order agrees, at a converged u, v.
