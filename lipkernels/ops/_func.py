@@ -4,8 +4,9 @@
 Outside a transform the ops run as before: the compiled backends' public operators,
 whose autograd is written in C++ (csrc/ops.cpp) or registered with ``torch.library``
 (lipkernels/triton). Neither kind can run under a transform (functorch refuses C++
-autograd Functions, and a custom op has no batching rule for its backward). While a
-transform is active (:func:`active`), the ops of the compiled backends go through the
+autograd Functions, and a custom op has no batching rule for its backward), nor under
+forward-mode AD (no jvp). While a transform or forward AD is active (:func:`active`),
+the ops of the compiled backends go through the
 ``torch.autograd.Function`` classes below instead, which call the same kernel ops
 (``_norm_epilogue``, ``_norm_epilogue_backward``, ``_sn_forward``, ``_sn_backward``,
 no autograd of their own) and define what functorch needs:
@@ -25,6 +26,12 @@ The in-place update of ``u``/``v`` happens inside an autograd.Function too
 (:class:`_StoreVectors`), where functorch allows it, so a layer in training mode works
 under ``grad``/``jacrev``/``jacfwd`` as torch's does (on every backend, the reference
 included).
+
+The kernel ops themselves get batching rules too (:func:`register`,
+:func:`register_triton`, end of this file), for the usual autograd's backward run under
+vmap. The legacy vmap of ``is_grads_batched=True`` and gradcheck's batched check cannot
+use them and has no fallback for a ``Tensor[]`` op: there the spectral-norm backwards
+(here, csrc/ops.cpp, lipkernels/triton/spectral_norm.py) use the torch-op formula.
 """
 from __future__ import annotations
 
