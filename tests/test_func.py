@@ -115,6 +115,22 @@ def test_jacobians_of_per_sample_ops(backend, name, transform):
         close(a, e, f"{name} {transform.__name__} d/d{arg}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["gn_normalize", "gradient_penalty"])
+def test_transforms_in_lower_precision(backend, name, dtype):
+    """vmap, jacrev and jacfwd in float32/float16 (float32 accumulation, the penalties'
+    float32 output): against the float64 reference on the same rounded inputs."""
+    op = op_of(name)
+    g = torch.randn(2, 3, 4, dtype=D).to(dtype)
+    f = torch.randn(2, 3, dtype=D).to(dtype)
+    for transform in (lambda fn: fn, lambda fn: jacrev(fn, argnums=1),
+                      lambda fn: jacfwd(fn, argnums=1)):
+        actual = vmap(transform(op))(f, g)
+        expected = reference(vmap(transform(op)), f.double(), g.double())
+        assert actual.dtype == reference(vmap(transform(op)), f, g).dtype
+        assert_close(actual, expected, dtype=dtype, what=f"{name} {dtype}")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_hessian_of_per_sample_ops(backend, name):
     """jacfwd(jacrev): the backward differentiated under forward mode."""
