@@ -136,10 +136,13 @@ CPU_SUITE_SKIP = --ignore=tests/test_cuda.py --ignore=tests/test_triton.py --ign
 
 # AddressSanitizer + UndefinedBehaviorSanitizer: the whole CUDA suite on the emulated
 # kernels, then the CPU test suite on the CPU kernels and the output cache.
+# --capture=sys: a sanitizer writes its report to file descriptor 2 and ends the process,
+# before pytest could print what it captured there; the report must reach the log.
+SAN_PYTEST = -m pytest -q -rs -p no:cacheprovider --capture=sys
 sanitize-asan: install build/emu-asan/liblipkernels.so
-	$(ASAN_ENV) $(call emu_env,emu-asan) $(PY) -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
+	$(ASAN_ENV) $(call emu_env,emu-asan) $(PY) $(SAN_PYTEST) tests/test_cuda.py
 	$(ASAN_ENV) LIPKERNELS_LIBRARY=$(CURDIR)/build/emu-asan/liblipkernels.so LIPKERNELS_TEST_BACKENDS=cpu \
-	  $(PY) -m pytest tests -q -rs -p no:cacheprovider $(CPU_SUITE_SKIP)
+	  $(PY) $(SAN_PYTEST) tests $(CPU_SUITE_SKIP)
 
 # ThreadSanitizer on a subset (-m tsan_subset): every CUDA kernel once with several blocks
 # and a partial last block, and the CPU and emulated CUDA kernels called from several
@@ -148,7 +151,7 @@ sanitize-asan: install build/emu-asan/liblipkernels.so
 sanitize-tsan: install build/emu-tsan/liblipkernels.so
 	LD_PRELOAD=$(TSAN_RUNTIME) TSAN_OPTIONS=halt_on_error=1:exitcode=66 OMP_NUM_THREADS=1 \
 	  LIPKERNELS_LIBRARY=$(CURDIR)/build/emu-tsan/liblipkernels.so \
-	  $(PY) -m pytest tests/test_cuda.py tests/test_concurrency.py -q -rs -p no:cacheprovider -m tsan_subset
+	  $(PY) $(SAN_PYTEST) tests/test_cuda.py tests/test_concurrency.py -m tsan_subset
 
 sanitize: sanitize-asan sanitize-tsan
 

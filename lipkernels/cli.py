@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    description="Every available backend against the reference on random inputs: "
                                "each op's outputs, gradients and updated vectors in float64, "
                                "float32, float16 and bfloat16.").set_defaults(fn=cmd_check)
-    bench = sub.add_parser("bench", help="the benchmark suite: ops, training steps, bandwidth")
+    bench = sub.add_parser("bench", help="the benchmark suite: ops, training steps, bandwidth", allow_abbrev=False)
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke run: small sizes, few rounds")
     size.add_argument("--full", action="store_true", help="more sizes and rounds")

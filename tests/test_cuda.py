@@ -733,6 +733,20 @@ def test_traffic_of_spectral_norm(on_device):
     assert 4 * wbytes <= dram <= 4.05 * wbytes, dram / wbytes
 
 
+@traffic
+def test_spectral_norm_pass_reads_in_full_sectors(on_device):
+    """The pass kernel reads W and v in 16-byte packs: in spectral_normalize's one power
+    iteration every layer's v_in is read in packs even where the packed (u, v) outputs
+    leave the layer's v off a 16-byte boundary (the first layer's m + k = 64 + 27); a
+    scalar v read would use a quarter of each sector (0.5 over the pass)."""
+    from lipkernels.benchmark import counting
+    ws, us, vs = _layers(SNGAN, torch.float32)
+    with counting.record("cuda") as rec:
+        ops.spectral_normalize(ws, us, vs, 1, 1e-12, True)
+    (call,) = [c for c in rec.calls if c.name.startswith("sn_pass_kernel")]
+    assert call.load_efficiency >= 0.95, call.load_efficiency
+
+
 # ================================================================== everywhere: build and info
 
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))

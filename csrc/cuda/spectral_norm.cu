@@ -72,7 +72,8 @@ struct SnEntry {
   int32_t group;          // threads per row in the pass: 32, 64, 128 or 256
   int32_t acc_global;     // the pass accumulates W^T t in scratch (k too wide for shared memory)
   int32_t vec;            // W 16-byte aligned and k a multiple of the pack: 16-byte loads in the pass
-  int32_t vec_v;          // ... and v_in, v 16-byte aligned too: v read in 16-byte packs as well
+  int32_t vec_v;          // ... and v read in 16-byte packs as well: bit 0 where v_in is 16-byte
+                          // aligned (the first iteration reads it), bit 1 where v is (the later ones)
   uint32_t div_magic;     // row of a flat index: (umulhi(i, magic) + i) >> shift = i / k
   uint32_t div_shift;
 };
@@ -214,6 +215,7 @@ __global__ void __launch_bounds__(kThreads, 4) sn_pass_kernel(const __grid_const
   const int grp = threadIdx.x / G, lane = threadIdx.x % G;
   const bool vec = e.vec != 0;
   const T* __restrict__ v = (kSigmaOnly || tab.first) ? e.v_in : e.v;
+  const int v_bit = (kSigmaOnly || tab.first) ? 1 : 2;
   A* acc = nullptr;
   if constexpr (!kSigmaOnly) {
     if (local == 0 && threadIdx.x == 0) tab.counters[l] = 0u;
@@ -234,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 4) sn_pass_kernel(const __grid_const
     const int64_t r = r0 + rd * NG + grp;
     const bool active = r < r1;
     A dot = A(0);
-    if (active) dot = row_dot(e.w + r * k, v, k, lane, G, vec, e.vec_v != 0);
+    if (active) dot = row_dot(e.w + r * k, v, k, lane, G, vec, (e.vec_v & v_bit) != 0);
     const A t = group_allreduce(dot, G, red);  // every thread of the block
     if (active) {
       if constexpr (kSigmaOnly) {
@@ -508,8 +510,11 @@ bool plan_group(const SnLayer<T>* layers, int L, Mode mode, int sms, GroupPlan<T
     if (!e.acc_global && need > smem) smem = need;
     e.group = G;
     e.vec = (reinterpret_cast<uintptr_t>(ly.w) % 16 == 0 && k % V == 0) ? 1 : 0;
-    e.vec_v = (e.vec && reinterpret_cast<uintptr_t>(ly.v_in) % 16 == 0 &&
-               reinterpret_cast<uintptr_t>(ly.v) % 16 == 0) ? 1 : 0;
+    // The packed (u, v) outputs of a batch leave a layer's v unaligned after a layer
+    // whose m + k is not a multiple of 4: the first iteration still reads v_in in packs.
+    e.vec_v = e.vec ? ((reinterpret_cast<uintptr_t>(ly.v_in) % 16 == 0 ? 1 : 0) |
+                       (reinterpret_cast<uintptr_t>(ly.v) % 16 == 0 ? 2 : 0))
+                    : 0;
     int_divider(static_cast<uint32_t>(k), &e.div_magic, &e.div_shift);
     e.scratch_off = scratch;
     e.t_off = tsz;

@@ -4,6 +4,10 @@ penalties that take a network (section 3).
 All of them differentiate the network's input gradient ``g = d sum(f) / dx`` (built
 with ``create_graph=True``), so their outputs are differentiable end to end into the
 network's weights and, for GN/GraN, into the generator through ``x``.
+
+Under ``torch.autocast`` ``f`` comes out in the autocast dtype (float16/bfloat16) while
+``g``, the gradient of a float32 ``x``, is float32: GN/GraN compute in the wider dtype and
+return ``f``'s (docs/math.md section 10); the penalties return float32.
 """
 from __future__ import annotations
 

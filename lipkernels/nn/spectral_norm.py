@@ -105,6 +105,10 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
         dim: the output dim, default 0 (1 for transposed convolutions).
     Returns:
         ``module``, with the parametrization registered.
+
+    Complex weights are normalized as torch does (conjugate transpose; computed by the
+    ``reference`` backend, see :mod:`lipkernels.ops.spectral_norm`). Under
+    ``torch.autocast`` the normalization runs in the weight's dtype.
     """
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):

@@ -434,7 +434,7 @@ def _power_iteration_torch(weights, us, vs, n_power_iterations: int, eps: float)
         mat = w.flatten(1)
         for _ in range(n_power_iterations):
             u = F.normalize(torch.mv(mat, v), dim=0, eps=eps)
-            v = F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps)
+            v = F.normalize(torch.mv(mat.mH, u), dim=0, eps=eps)  # W^T for real weights
         parts += [u.reshape(-1), v.reshape(-1)]
     return torch.cat(parts)
 
@@ -459,8 +459,9 @@ def power_iteration_reference(weights, us, vs, n_power_iterations: int, eps: flo
         uv = _power_iteration_torch([w.detach() for w in weights], us, vs, n_power_iterations, eps)
         store_vectors(us, vs, uv)
     with torch.no_grad():
-        sigmas = [torch.vdot(u, torch.mv(w.detach().flatten(1), v)).to(_layout.acc_dtype(w.dtype))
-                  for w, u, v in zip(weights, us, vs)]
+        sigmas = [torch.vdot(u, torch.mv(w.detach().flatten(1), v)) for w, u, v in zip(weights, us, vs)]
+        sigmas = [s if w.is_complex() else s.to(_layout.acc_dtype(w.dtype))
+                  for s, w in zip(sigmas, weights)]
     return torch.stack(sigmas)
 
 

@@ -8,9 +8,11 @@ from typing import Sequence
 import torch
 
 
-def tensor(op: str, name: str, t) -> torch.Tensor:
+def tensor(op: str, name: str, t, complex_ok: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if complex_ok and t.is_complex():
+        return t
     if not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor "
                         f"(float64, float32, float16 or bfloat16), got {t.dtype}")
@@ -35,7 +37,8 @@ def same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Ten
 
 
 def scores(op: str, f, g: torch.Tensor) -> torch.Tensor:
-    """f: (B,) or (B, 1) matching g's batch, dtype and device. Returns f as (B,)."""
+    """f: (B,) or (B, 1) matching g's batch and device (any floating dtype: the op
+    computes in the wider of f's and g's). Returns f as (B,)."""
     tensor(op, "f", f)
     batch = g.shape[0]
     shape = f.shape
@@ -44,8 +47,6 @@ def scores(op: str, f, g: torch.Tensor) -> torch.Tensor:
                          f"got {tuple(shape)}")
     if f.device != g.device:
         same_device(op, "f", f, "g", g)
-    if f.dtype != g.dtype:
-        raise TypeError(f"{op}: f has dtype {f.dtype} but g has dtype {g.dtype}; they must match")
     return f if len(shape) == 1 else f.reshape(batch)
 
 
@@ -77,7 +78,7 @@ def non_negative_int(op: str, name: str, x) -> int:
 
 def spectral_batch(op: str, weights: Sequence, us: Sequence, vs: Sequence) -> None:
     """Lists of weights (viewed as w.flatten(1), shape (m, k)), u (m,), v (k,),
-    one dtype and one device for all."""
+    one dtype (floating point or complex) and one device for all."""
     for name, seq in (("weights", weights), ("us", us), ("vs", vs)):
         if not isinstance(seq, (list, tuple)):
             raise TypeError(f"{op}: {name} must be a list of tensors, got {type(seq).__name__}")
@@ -85,9 +86,9 @@ def spectral_batch(op: str, weights: Sequence, us: Sequence, vs: Sequence) -> No
         raise ValueError(f"{op}: weights, us and vs must have the same length, "
                          f"got {len(weights)}, {len(us)} and {len(vs)}")
     for i, (w, u, v) in enumerate(zip(weights, us, vs)):
-        tensor(op, f"weights[{i}]", w)
-        tensor(op, f"us[{i}]", u)
-        tensor(op, f"vs[{i}]", v)
+        tensor(op, f"weights[{i}]", w, complex_ok=True)
+        tensor(op, f"us[{i}]", u, complex_ok=True)
+        tensor(op, f"vs[{i}]", v, complex_ok=True)
         if w.dim() < 2 or w.numel() == 0:
             raise ValueError(f"{op}: weights[{i}] must be a non-empty tensor of rank >= 2 "
                              f"(viewed as w.flatten(1)), got shape {tuple(w.shape)}")

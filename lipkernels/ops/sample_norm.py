@@ -16,6 +16,12 @@ op                     forward                                      returns
 The penalties are losses: for float16/bfloat16 ``g`` they are returned in float32
 (squared norms overflow float16); the other ops return ``g``'s dtype.
 
+Mixed precision: ``f`` and ``g`` may differ in dtype (under ``torch.autocast`` a
+discriminator's ``f`` is float16/bfloat16 while the gradient of a float32 input is
+float32). GN and GraN then compute in the wider dtype
+(``torch.promote_types(f.dtype, g.dtype)``) and return ``f``'s dtype. Autocast is off
+inside every op, so each runs in its inputs' dtypes on every backend.
+
 Edge cases (finite input never gives NaN or Inf):
 
 * ``dn_i/dg_i = g_i / n_i`` is defined as 0 where ``n_i = 0`` (as in
@@ -32,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from . import _func, _validate
+from . import _amp, _func, _validate
 
 # ----------------------------------------------------------------- references
 
@@ -120,6 +126,7 @@ class _FuncOps:
         return _func.per_sample(self.impl, "r1", None, g, 0.0).mean()
 
 
+@_amp.autocast_off
 def sample_norm(g: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm ``n_i = ||g_i||_2`` over all non-batch dims.
 
@@ -133,17 +140,22 @@ def sample_norm(g: torch.Tensor) -> torch.Tensor:
     return sample_norm_reference(g) if impl is None else impl.sample_norm(g)
 
 
+@_amp.autocast_off
 def gn_normalize(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """GN-GAN gradient normalization ``f / (||g|| + |f|)``, in ``[-1, 1]``.
 
     Args:
         f: discriminator outputs, ``(B,)`` or ``(B, 1)``.
-        g: ``dsum(f)/dx``, ``(B, ...)``, same dtype and device as ``f``.
+        g: ``dsum(f)/dx``, ``(B, ...)``, on ``f``'s device.
     Returns:
-        same shape as ``f``. Defined as 0 where ``f = 0`` and ``g = 0``.
+        shape and dtype of ``f``. Defined as 0 where ``f = 0`` and ``g = 0``. With
+        different dtypes, computed in the wider one (module docstring).
     """
     _validate.per_sample_grad("gn_normalize", g)
     fb = _validate.scores("gn_normalize", f, g)
+    if f.dtype != g.dtype:
+        wide = torch.promote_types(f.dtype, g.dtype)
+        return gn_normalize(f.to(wide), g.to(wide)).to(f.dtype)
     impl = _implementation(g)
     if impl is None:
         return gn_normalize_reference(f, g)
@@ -151,17 +163,21 @@ def gn_normalize(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out if fb is f else out.view(f.shape)
 
 
+@_amp.autocast_off
 def gran_normalize(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """GraN-GAN piecewise gradient normalization ``f * ||g|| / (||g||^2 + eps)``.
 
     Args:
         f: ``(B,)`` or ``(B, 1)``; g: ``(B, ...)``; eps: finite number > 0.
     Returns:
-        same shape as ``f``.
+        shape and dtype of ``f`` (with different dtypes, computed in the wider one).
     """
     _validate.per_sample_grad("gran_normalize", g)
     fb = _validate.scores("gran_normalize", f, g)
     eps = _validate.positive("gran_normalize", "eps", eps)
+    if f.dtype != g.dtype:
+        wide = torch.promote_types(f.dtype, g.dtype)
+        return gran_normalize(f.to(wide), g.to(wide), eps).to(f.dtype)
     impl = _implementation(g)
     if impl is None:
         return gran_normalize_reference(f, g, eps)
@@ -169,6 +185,7 @@ def gran_normalize(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor
     return out if fb is f else out.view(f.shape)
 
 
+@_amp.autocast_off
 def gradient_penalty(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
     """WGAN-GP epilogue ``mean_i (||g_i|| - center)^2`` (multiply by the weight yourself,
     or use :func:`lipkernels.gradient_penalty`, which takes the critic)."""
@@ -178,6 +195,7 @@ def gradient_penalty(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
     return gradient_penalty_reference(g, center) if impl is None else impl.gradient_penalty(g, center)
 
 
+@_amp.autocast_off
 def r1_penalty(g: torch.Tensor) -> torch.Tensor:
     """R1 epilogue ``mean_i ||g_i||^2`` (multiply by gamma / 2 yourself, or use
     :func:`lipkernels.r1_penalty`, which takes the discriminator)."""

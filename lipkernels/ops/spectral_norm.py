@@ -19,6 +19,13 @@ same rows) and get ``sigma = ||W^T u||`` without another pass.
 Edge case: where ``|sigma| < eps`` (an all-zero weight) the divisor is ``eps``, so
 ``W_sn`` stays finite (torch gives NaN there); elsewhere the results are torch's.
 Sigmas are float32 for float16/bfloat16 weights.
+
+Complex weights (complex64, complex128) are computed as torch does, with the conjugate
+transpose: ``v <- normalize(W^H u)``, ``sigma = u^H W v`` (complex in general). Only the
+reference has them: ``auto`` sends complex weights to it, and a compiled backend selected
+explicitly raises an error naming the backend and the dtype.
+
+Autocast is off inside these ops: they run in the weights' dtype on every backend.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from . import _func, _layout, _validate
+from . import _amp, _func, _layout, _validate
 
 
 # ----------------------------------------------------------------- references
@@ -37,14 +44,16 @@ from . import _func, _layout, _validate
 def power_iteration_reference(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
                               vs: Sequence[torch.Tensor], n_power_iterations: int = 1,
                               eps: float = 1e-12) -> torch.Tensor:
-    """torch's ``_SpectralNorm._power_method``, then ``sigma = u^T W v``, per layer."""
+    """torch's ``_SpectralNorm._power_method``, then ``sigma = u^H W v``, per layer
+    (``W^H`` = ``W^T`` for real weights; complex sigmas keep the weights' dtype)."""
     sigmas = []
     for w, u, v in zip(weights, us, vs):
         mat = w.flatten(1)
         for _ in range(n_power_iterations):
             u.copy_(F.normalize(torch.mv(mat, v), dim=0, eps=eps))
-            v.copy_(F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps))
-        sigmas.append(torch.vdot(u, torch.mv(mat, v)).to(_layout.acc_dtype(w.dtype)))
+            v.copy_(F.normalize(torch.mv(mat.mH, u), dim=0, eps=eps))
+        sigma = torch.vdot(u, torch.mv(mat, v))
+        sigmas.append(sigma if w.is_complex() else sigma.to(_layout.acc_dtype(w.dtype)))
     if not sigmas:
         return torch.empty(0)
     return torch.stack(sigmas)
@@ -69,12 +78,28 @@ def spectral_normalize_reference(weights: Sequence[torch.Tensor], us: Sequence[t
 
 # ----------------------------------------------------------------- dispatch
 
+def _implementation(op: str, weights):
+    """The selected backend's ops for the weights' device, or None for the reference.
+    Complex weights: the reference under ``auto``; an explicitly selected compiled
+    backend, which has no complex kernels, raises."""
+    device = weights[0].device
+    if not weights[0].is_complex():
+        return backends.implementation(device)
+    name = backends.select(device)
+    if backends.get_backend() != "auto" and name != "reference":
+        raise RuntimeError(f"{op}: the lipkernels backend {name!r} has no kernels for complex "
+                           f"weights (got {weights[0].dtype}); select 'auto' or 'reference', "
+                           "which compute complex spectral norms as torch does")
+    return None
+
+
 def _check(op: str, weights, us, vs, n_power_iterations, eps):
     _validate.spectral_batch(op, weights, us, vs)
     _validate.non_negative_int(op, "n_power_iterations", n_power_iterations)
     return _validate.positive(op, "eps", eps)
 
 
+@_amp.autocast_off
 def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
                     vs: Sequence[torch.Tensor], n_power_iterations: int = 1,
                     eps: float = 1e-12) -> torch.Tensor:
@@ -82,7 +107,8 @@ def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
 
     Args:
         weights: L tensors of rank >= 2, each viewed as ``w.flatten(1)`` (m, k);
-            one dtype and device for all. Not differentiated.
+            one dtype and device for all (floating point, or complex: computed by the
+            reference, see the module docstring). Not differentiated.
         us: L contiguous vectors (m,), updated in place.
         vs: L contiguous vectors (k,), updated in place.
         n_power_iterations: >= 0; with 0, only ``sigma = u^T W v`` is computed.
@@ -94,7 +120,7 @@ def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
     if not weights:
         return torch.empty(0)
     detached = [w.detach() for w in weights]
-    impl = backends.implementation(weights[0].device)
+    impl = _implementation("power_iteration", weights)
     if _func.active():
         # Under a torch.func transform (vmap, grad, ...): see ops/_func.py.
         if impl is None:
@@ -121,13 +147,14 @@ def spectral_normalize(weights: Sequence[torch.Tensor], us: Sequence[torch.Tenso
     return spectral_normalize_unchecked(weights, us, vs, n_power_iterations, eps, training)
 
 
+@_amp.autocast_off
 def spectral_normalize_unchecked(weights, us, vs, n_power_iterations: int, eps: float,
                                  training: bool) -> List[torch.Tensor]:
     """:func:`spectral_normalize` without the Python argument checks, for callers whose
     arguments are right by construction (the layers); the kernels still check."""
     if not weights:
         return []
-    impl = backends.implementation(weights[0].device)
+    impl = _implementation("spectral_normalize", weights)
     if _func.active():
         # Under a torch.func transform (vmap, grad, ...): see ops/_func.py.
         if impl is None:
