@@ -128,13 +128,16 @@ def _front(t: Optional[torch.Tensor], d: Optional[int], size: int) -> Optional[t
 
 
 def _fold(t: Optional[torch.Tensor], d: Optional[int], size: int) -> Optional[torch.Tensor]:
-    """(V, B, ...) -> (V * B, ...)."""
+    """(V, B, ...) -> (V * B, ...) (explicit sizes: B may be 0)."""
     t = _front(t, d, size)
-    return None if t is None else t.reshape((-1,) + tuple(t.shape[2:]))
+    return None if t is None else t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
 
 
-def _unfold(t: torch.Tensor, size: int) -> torch.Tensor:
-    return t.reshape((size, -1) + tuple(t.shape[1:]))
+def _unfold(t: torch.Tensor, size: int, batch: int) -> torch.Tensor:
+    """(V * B, ...) -> (V, B, ...); a kernel's empty placeholder output (dL/df without
+    f: 0 elements whatever B is) -> (V, 0)."""
+    rows = batch if t.shape[0] == size * batch else 0
+    return t.reshape((size, rows) + tuple(t.shape[1:]))
 
 
 # ----------------------------------------------------------------- per-sample ops
@@ -225,9 +228,10 @@ class _Epilogue(torch.autograd.Function):
     def vmap(info, in_dims, kern, g, f, epilogue, param):
         size = info.batch_size
         _, g_d, f_d, _, _ = in_dims
+        batch = _front(g, g_d, size).shape[1]
         out, norm = _Epilogue.apply(kern, _fold(g, g_d, size), _fold(f, f_d, size), epilogue,
                                     param)
-        return (_unfold(out, size), _unfold(norm, size)), (0, 0)
+        return (_unfold(out, size, batch), _unfold(norm, size, batch)), (0, 0)
 
 
 def per_sample(impl, epilogue: str, f: Optional[torch.Tensor], g: torch.Tensor,
@@ -485,10 +489,11 @@ def _rule_per_sample(op, n_tensors: int, n_out: int):
     def rule(info, in_dims, *args):
         size = info.batch_size
         folded = [_fold(t, d, size) for t, d in zip(args[:n_tensors], in_dims[:n_tensors])]
+        batch = next(t.shape[0] for t in folded if t is not None) // size if size else 0
         out = op(*folded, *args[n_tensors:])
         if n_out == 1:
-            return _unfold(out, size), 0
-        return tuple(_unfold(o, size) for o in out), (0,) * n_out
+            return _unfold(out, size, batch), 0
+        return tuple(_unfold(o, size, batch) for o in out), (0,) * n_out
     return rule
 
 
