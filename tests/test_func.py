@@ -299,6 +299,23 @@ def test_jacobians_of_spectral_normalize(backend, transform, training):
     assert torch.equal(state[0], us[0]) != training
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_spectral_normalize_is_grads_batched(backend, training, create_graph):
+    """The backward of the usual (untransformed) forward, vmapped by autograd."""
+    ws, us, vs = _layers()
+
+    def run():
+        w = [t.clone().requires_grad_(True) for t in ws]
+        out = _sn(training)(*w, *[u.clone() for u in us], *[v.clone() for v in vs])
+        gen = torch.Generator().manual_seed(2)
+        cot = [torch.randn((3,) + o.shape, dtype=D, generator=gen) for o in out]
+        return torch.autograd.grad(out, w, cot, is_grads_batched=True, create_graph=create_graph)
+
+    for l, (a, e) in enumerate(zip(run(), reference(run))):
+        close(a, e, f"batched dL/dW[{l}]")
+
+
 def test_power_iteration_under_transforms(backend):
     ws, us, vs = _layers(batch=2)
     us_ref, vs_ref = [u.clone() for u in us], [v.clone() for v in vs]
