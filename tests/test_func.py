@@ -562,3 +562,18 @@ def test_gradient_normalized_layers_and_penalties_under_grad(backend, name):
                 PENALTIES[name](lambda inp: functional_call(model, (leaves, buffers), (inp,)),
                                 x[i:i + 1]), leaves[k])[0]) for i in range(x.shape[0])])
             close(per[k], each_k, f"per-sample GN d/d{k}")
+
+
+def test_transforms_with_torch_compile(backend):
+    """docs/math.md section 11: a compiled function under grad, and a compiled vmap
+    (aot_eager: the tracing torch.compile does, without generating code)."""
+    torch._dynamo.reset()
+    g = torch.randn(4, 3, 5, dtype=D)
+    f = torch.randn(4, dtype=D)
+    expected = reference(grad(lambda g: ops.gradient_penalty(g)), g)
+    close(grad(torch.compile(lambda g: ops.gradient_penalty(g), backend="aot_eager"))(g),
+          expected, "grad(compile(gradient_penalty))")
+    batched = vmap(ops.gn_normalize, in_dims=(None, 0))
+    expected = reference(batched, f, g.expand(2, 4, 3, 5))
+    close(torch.compile(batched, backend="aot_eager", fullgraph=True)(f, g.expand(2, 4, 3, 5)),
+          expected, "compile(vmap(gn_normalize))")
