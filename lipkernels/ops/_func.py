@@ -382,8 +382,9 @@ class _StoreVectors(torch.autograd.Function):
             if d is None and uv_d is not None:
                 which = "us" if i < n_layers else "vs"
                 raise RuntimeError(
-                    f"lipkernels spectral norm (spectral_normalize, power_iteration) under vmap: {which}[{i % n_layers}] is not "
-                    "batched but the power iteration's result is (the weights are batched); "
+                    "lipkernels spectral norm (spectral_normalize, power_iteration) under "
+                    f"vmap: {which}[{i % n_layers}] is not batched but the power iteration's "
+                    "result is (the weights are batched); "
                     "in training mode the vectors are updated in place, so batch them too "
                     "(e.g. functional_call with stacked buffers), or use eval mode")
         fronts = [_front(x, d, size) if d is not None else x for x, d in zip(vectors, dims)]
