@@ -437,9 +437,11 @@ def test_layer_gradcheck_with_batched_grad(backend, training):
                    for t in (p["parametrizations.weight.original"], p["bias"], x[:1]))
     assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True, check_forward_ad=True,
                                     check_batched_forward_grad=True)
-    if not training:
+    if not training and not (backend == "triton" and INTERPRETING):
         # In training mode u, v follow W through the iteration, which the derivative
         # ignores (as torch's does): only first order agrees, at a converged u, v.
+        # (Not under the Triton interpreter, for time: the double backward is torch ops
+        # on every backend, and the per-sample ops' gradgradcheck runs there.)
         assert torch.autograd.gradgradcheck(fn, inputs, check_batched_grad=True)
     theirs.train(training)
 
