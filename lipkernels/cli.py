@@ -253,7 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--quick", action="store_true",
                        help="smoke run: a few steps, one seed (with --suite: every method x data)")
     train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads per run (default 1)")
+    train.add_argument("--jobs", type=int, default=1,
+                       help="runs trained at once, in worker processes (default 1; the suite's "
+                            "30-minute budget assumes --jobs 2 on two idle cores)")
     train.add_argument("--out", default=os.path.join("bench", "results"),
                        help="output folder (default bench/results)")
     train.add_argument("--no-plot", action="store_true", help="do not write PNGs")

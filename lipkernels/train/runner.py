@@ -273,6 +273,25 @@ def _plot(results: dict, runs: List[dict], stem: str) -> List[str]:
     return paths
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_task(task: dict, evaluator) -> dict:
+    t0 = time.perf_counter()
+    r = train_run(evaluator=evaluator if task["data"] == "digits" else None, **task)
+    r["run_seconds"] = time.perf_counter() - t0
+    return r
+
+
+def _report(r: dict) -> dict:
+    fin = ", ".join(f"{k} {v:.3g}" for k, v in r["final"].items())
+    print(f"{r['method']:>9} {r['data']:>7} seed {r['seed']}: {fin}; "
+          f"{1e3 * r['seconds_per_step']:.1f} ms/step, {r['run_seconds']:.1f} s"
+          f"{'' if r['finite'] else ' (non-finite loss)'}", flush=True)
+    return r
+
+
 def main(args) -> int:
     datas = list(data_mod.DATASETS) if (args.suite or args.data == "all") else [args.data]
     meths = list(methods_mod.METHOD_NAMES) if (args.suite or args.method == "all") else [args.method]
@@ -298,19 +317,29 @@ def main(args) -> int:
         print(f"digits classifier: held-out accuracy {100 * evaluator.accuracy:.1f}% "
               f"({time.perf_counter() - t0:.1f} s); FDD of held-out real digits "
               f"{evaluator.real_floor:.2f}", flush=True)
-    runs = []
-    for d in datas:
-        for m in meths:
-            for seed in seeds:
-                t0 = time.perf_counter()
-                r = train_run(m, d, steps[d], seed, args.backend, dtype,
-                              eval_every=max(1, steps[d] // EVALS), evaluator=evaluator,
-                              n_eval=QUICK_DIGITS_EVAL if (args.quick and d == "digits") else None)
-                runs.append(r)
-                fin = ", ".join(f"{k} {v:.3g}" for k, v in r["final"].items())
-                print(f"{m:>9} {d:>7} seed {seed}: {fin}; {1e3 * r['seconds_per_step']:.1f} ms/step, "
-                      f"{time.perf_counter() - t0:.1f} s{'' if r['finite'] else ' (non-finite loss)'}",
-                      flush=True)
+    tasks = [dict(method=m, data=d, steps=steps[d], seed=seed, backend=args.backend, dtype=dtype,
+                  eval_every=max(1, steps[d] // EVALS),
+                  n_eval=QUICK_DIGITS_EVAL if (args.quick and d == "digits") else None)
+             for d in datas for m in meths for seed in seeds]
+    jobs = max(1, args.jobs or 1)
+    runs: List[dict] = []
+    if jobs == 1 or len(tasks) == 1:
+        for task in tasks:
+            runs.append(_report(_run_task(task, evaluator)))
+    else:
+        import concurrent.futures
+        import multiprocessing
+        # Longest first (digits, then the methods with 5 critic steps) for load balance.
+        order = sorted(range(len(tasks)), key=lambda i: (tasks[i]["data"] != "digits",
+                                                           -methods_mod.method(tasks[i]["method"]).n_critic))
+        done: Dict[int, dict] = {}
+        with concurrent.futures.ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init, initargs=(args.threads or 1,)) as pool:
+            futures = {pool.submit(_run_task, tasks[i], evaluator): i for i in order}
+            for fut in concurrent.futures.as_completed(futures):
+                done[futures[fut]] = _report(fut.result())
+        runs = [done[i] for i in range(len(tasks))]
     args_dict = {k: v for k, v in vars(args).items() if k != "fn"}
     results = {
         "meta": provenance(args_dict, args.backend),
