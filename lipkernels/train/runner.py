@@ -311,6 +311,8 @@ def main(args) -> int:
     torch.set_num_threads(args.threads or 1)
     evaluator = None
     t_start = time.perf_counter()
+    # Provenance at the start: the code that runs (the tree may change during a long run).
+    meta = provenance({k: v for k, v in vars(args).items() if k != "fn"}, args.backend)
     if "digits" in datas:
         t0 = time.perf_counter()
         evaluator = metrics_mod.digits_evaluator(3 if args.quick else CLASSIFIER_EPOCHS)
@@ -340,9 +342,9 @@ def main(args) -> int:
             for fut in concurrent.futures.as_completed(futures):
                 done[futures[fut]] = _report(fut.result())
         runs = [done[i] for i in range(len(tasks))]
-    args_dict = {k: v for k, v in vars(args).items() if k != "fn"}
+    meta["wall_seconds"] = time.perf_counter() - t_start
     results = {
-        "meta": provenance(args_dict, args.backend),
+        "meta": meta,
         "seeds": seeds, "steps": steps, "batch": {d: BATCH[d] for d in datas},
         "methods": {m: {k: (list(v) if isinstance(v, tuple) else v)
                         for k, v in methods_mod.method(m).__dict__.items() if k != "loss"}
