@@ -197,6 +197,12 @@ def test_train_quick_suite_writes_results(tmp_path):
     md = (tmp_path / (stem + ".md")).read_text()
     for m in METHODS:
         assert f"| {m} |" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{runner.README_BEGIN}\nold\n{runner.README_END}\nb\n")
+    runner.update_readme(str(tmp_path / (stem + ".json")), str(readme))
+    text = readme.read_text()
+    assert text.startswith("a\n") and text.endswith("b\n") and "old" not in text
+    assert "| gngan-fo |" in text and f"({stem}-samples.png)" in text
 
 
 def test_train_rejects_bad_arguments(tmp_path):

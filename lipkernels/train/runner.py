@@ -374,3 +374,40 @@ def main(args) -> int:
     if bad:
         print("non-finite losses in:", ", ".join(bad))
     return 0
+
+
+README_BEGIN, README_END = "<!-- train:results -->", "<!-- /train:results -->"
+
+
+def update_readme(results_path: str, readme: Optional[str] = None) -> None:
+    """Put the tables of the results file ``results_path`` (and its samples PNG) into
+    README.md between the ``<!-- train:results -->`` markers."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    readme = readme or os.path.join(repo, "README.md")
+    with open(results_path) as f:
+        results = json.load(f)
+    stem = os.path.splitext(results_path)[0]
+    rel = os.path.relpath(stem, os.path.dirname(os.path.abspath(readme)))
+    picture = rel + "-samples.png" if os.path.exists(stem + "-samples.png") else None
+    block = (f"{README_BEGIN}\n`{rel}.json` (`{rel}.md`; curves `{rel}-curves.png`)\n\n"
+             + markdown(results, picture) + README_END)
+    with open(readme) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme, "w") as f:
+        f.write(head + block + tail)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(description="python -m lipkernels.train.runner --readme RESULTS.json "
+                                            "[--file README.md]: a results file's tables into the README")
+    p.add_argument("--readme", required=True, metavar="RESULTS.json")
+    p.add_argument("--file", default=None, help="the README to edit (default: the repository's)")
+    a = p.parse_args()
+    update_readme(a.readme, a.file)
+    sys.exit(0)
