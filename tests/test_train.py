@@ -195,7 +195,8 @@ def test_train_quick_suite_writes_results(tmp_path):
         assert key in res["meta"]
     assert res["meta"]["args"]["quick"] is True
     for r in res["runs"]:
-        assert r["finite"] and len(r["g_loss"]) == runner.QUICK_STEPS and r["seconds_per_step"] > 0
+        assert r["finite"] and r["seconds_per_step"] > 0
+        assert r["loss_window"] == 1 and len(r["g_loss"]) == runner.QUICK_STEPS
     assert set(res["summary"]) == set(data.DATASETS)
     md = (tmp_path / (stem + ".md")).read_text()
     for m in METHODS:

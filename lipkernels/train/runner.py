@@ -273,6 +273,23 @@ def _plot(results: dict, runs: List[dict], stem: str) -> List[str]:
     return paths
 
 
+LOSS_POINTS = 200
+
+
+def compact(results: dict, points: int = LOSS_POINTS) -> dict:
+    """Each run's per-step losses as means over windows of ``loss_window`` steps (at most
+    ``points`` values), 6 significant digits: the results file stays small."""
+    for r in results["runs"]:
+        if "loss_window" in r:
+            continue
+        w = max(1, -(-len(r["g_loss"]) // points))
+        r["loss_window"] = w
+        for key in ("d_loss", "g_loss"):
+            xs = r[key]
+            r[key] = [float(f"{sum(xs[i:i + w]) / len(xs[i:i + w]):.6g}") for i in range(0, len(xs), w)]
+    return results
+
+
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -364,7 +381,7 @@ def main(args) -> int:
     pngs = [] if args.no_plot else _plot(results, runs, stem)
     md = markdown(results, os.path.basename(pngs[0]) if pngs else None)
     with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(compact(results), f, indent=None, separators=(",", ":"))
     with open(stem + ".md", "w") as f:
         f.write(md)
     print()
