@@ -258,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--jobs", type=int, default=1,
                        help="runs trained at once, in worker processes (default 1; the suite's "
                             "30-minute budget assumes --jobs 2 on two idle cores)")
-    train.add_argument("--out", default=os.path.join("bench", "results"),
-                       help="output folder (default bench/results)")
+    train.add_argument("--out", default=os.path.join("bench", "results", "train"),
+                       help="output folder (default bench/results/train)")
     train.add_argument("--no-plot", action="store_true", help="do not write PNGs")
     train.set_defaults(fn=cmd_train)
     args = parser.parse_args(argv)
