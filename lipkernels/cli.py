@@ -249,10 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=None,
                        help="one seed (default: 0; seeds 0, 1, 2 with --suite)")
     train.add_argument("--suite", action="store_true",
-                       help="every method x data set x seeds 0, 1, 2 (under 30 minutes on 2 cores)")
+                       help="every method x data set x seeds 0, 1, 2 (sized for under 30 minutes on "
+                            "2 idle cores with --jobs 2)")
     train.add_argument("--quick", action="store_true",
                        help="smoke run: a few steps, one seed (with --suite: every method x data)")
-    train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    train.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                       help="dtype of the networks and data (default float32)")
     train.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads per run (default 1)")
     train.add_argument("--jobs", type=int, default=1,
