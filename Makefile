@@ -19,7 +19,7 @@ CMAKE := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH)" "$(TRITON)" numpy matplotlib tqdm pytest pytest-benchmark hypothesis ninja "setuptools>=64" wheel
+	$(PIP) install -q "$(TORCH)" "$(TRITON)" numpy matplotlib scikit-learn tqdm pytest pytest-benchmark hypothesis ninja "setuptools>=64" wheel
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(SOURCES)

@@ -309,6 +309,16 @@ Tensor sample_dot_autograd(const Tensor& a, const Tensor& b) { return SampleDotF
 
 // ------------------------------------------------- spectral normalization
 
+// Whether a backward receives vmapped gradients (torch.autograd.grad(...,
+// is_grads_batched=True) and gradcheck's batched-gradient check use the legacy vmap).
+bool any_batched(const variable_list& ts) {
+  for (const auto& t : ts)
+    if (t.defined() && (t.key_set().has(c10::DispatchKey::Batched) ||
+                        t.key_set().has(c10::DispatchKey::FuncTorchBatched)))
+      return true;
+  return false;
+}
+
 // W_sn = W / sigma with sigma = u^T W v after the power iteration; u and v are
 // constants for the derivative (as in torch.nn.utils.parametrizations.spectral_norm),
 // so dL/dW = (G - <G, W_sn> u v^T) / sigma.
@@ -351,8 +361,10 @@ struct SpectralNormalizeFn : public Function<SpectralNormalizeFn<Ns>> {
     const Tensor& sigmas = saved[L + 1];
     const double eps = ctx->saved_data["eps"].toDouble();
     variable_list out;
-    if (torch::autograd::GradMode::is_enabled()) {
+    if (torch::autograd::GradMode::is_enabled() || any_batched(grads)) {
       // Differentiable form: sigma recomputed from W so that d/dW of this sees sigma(W).
+      // Also for batched gradients (gradcheck's check_batched_grad, is_grads_batched: the
+      // legacy vmap, which has no rule for an op returning Tensor[]): ATen ops batch.
       int64_t off = 0;
       for (size_t l = 0; l < L; ++l) {
         const Tensor& W = weights[l];

@@ -8,6 +8,8 @@ The lipkernels command.
     lipkernels check    every available backend against the reference on random inputs
                         (float64, float32, float16, bfloat16; every op, clip_ included)
     lipkernels bench    the benchmark suite (--quick for a smoke run, --full for more sizes)
+    lipkernels train    train the seed papers' GANs with lipkernels (2-D mixtures, digits) and
+                        measure them (--suite: every method x data x 3 seeds; --quick: smoke run)
 
 lipkernels COMMAND --help describes a command's options.
 """
@@ -205,6 +207,11 @@ def cmd_bench(args) -> int:
     return benchmark.main(args)
 
 
+def cmd_train(args) -> int:
+    from .train import runner
+    return runner.main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipkernels", description=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +233,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="instead: what each GPU kernel will cost, counted without a GPU (a model, "
                             "not a measurement; needs the emulation build, make build/emu/liblipkernels.so)")
     bench.set_defaults(fn=cmd_bench)
+    train = sub.add_parser(
+        "train", help="train the seed papers' GANs end to end with lipkernels",
+        description="Train a GAN method of the seed papers on a data set that needs no download, "
+                    "with lipkernels' layers and penalties, and measure it (README: Training). "
+                    "Writes DIR/train-<date>.json (results, provenance), .md (table) and PNGs.")
+    train.add_argument("--method", default="gngan",
+                       help="nsgan, wgan, wgangp, sngan, gngan, gngan-fo, grand, granc, or all "
+                            "(default gngan)")
+    train.add_argument("--data", default="ring8", help="ring8, grid25, digits, or all (default ring8)")
+    train.add_argument("--steps", type=int, default=None,
+                       help="generator steps (default: 2000 for the 2-D data, 400 for digits)")
+    train.add_argument("--backend", default="auto",
+                       help="lipkernels backend: auto, reference, cpu, cuda, triton (default auto)")
+    train.add_argument("--seed", type=int, default=None,
+                       help="one seed (default: 0; seeds 0, 1, 2 with --suite)")
+    train.add_argument("--suite", action="store_true",
+                       help="every method x data set x seeds 0, 1, 2 (sized for under 30 minutes on "
+                            "2 idle cores with --jobs 2)")
+    train.add_argument("--quick", action="store_true",
+                       help="smoke run: a few steps, one seed (with --suite: every method x data)")
+    train.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                       help="dtype of the networks and data (default float32)")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads per run (default 1)")
+    train.add_argument("--jobs", type=int, default=1,
+                       help="runs trained at once, in worker processes (default 1; the suite's "
+                            "30-minute budget assumes --jobs 2 on two idle cores)")
+    train.add_argument("--out", default=os.path.join("bench", "results", "train"),
+                       help="output folder (default bench/results/train)")
+    train.add_argument("--no-plot", action="store_true", help="do not write PNGs")
+    train.set_defaults(fn=cmd_train)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     return args.fn(args)

@@ -381,6 +381,8 @@ def test_readme_block_is_replaced(tmp_path, monkeypatch):
     results = _results(unstable=True)
     results_dir = tmp_path / "results"
     path = report.save(results, str(results_dir), plot=False)
+    # other files of bench/results that are not benchmark results (the GPU cost model's)
+    (results_dir / "gpu-model-2026-01-01.json").write_text('{"kind": "gpu-model", "rows": []}')
     monkeypatch.setattr(report, "RESULTS", str(results_dir))
     monkeypatch.setattr(report, "REPO", str(tmp_path))
     readme = tmp_path / "README.md"

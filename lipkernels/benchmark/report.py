@@ -429,7 +429,9 @@ def newest(kind: str, results_dir: Optional[str] = None) -> Optional[str]:
     best = None
     for path in glob.glob(os.path.join(results_dir or RESULTS, "*.json")):
         with open(path) as f:
-            meta = json.load(f)["provenance"]
+            meta = json.load(f).get("provenance")
+        if meta is None:  # not a benchmark results file (e.g. the GPU cost model's)
+            continue
         if ("gpu" if meta.get("device_type") == "cuda" else "cpu") != kind or meta.get("preset") == "quick":
             continue
         if best is None or meta["date"] > best[0]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops import _validate
+from ..ops import _func, _validate
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, create_graph: Optional[bool] = None
@@ -33,18 +33,19 @@ def input_gradient(model: nn.Module, x: torch.Tensor, create_graph: Optional[boo
     grad_enabled = torch.is_grad_enabled()
     if create_graph is None:
         create_graph = grad_enabled
+    if _func.transforming():
+        # Under torch.func (grad, vmap, jacrev, ...): requires_grad_ and autograd.grad
+        # are not allowed there; torch.func.vjp gives the same g, differentiable by the
+        # enclosing transforms.
+        f, vjp_fn = torch.func.vjp(model, x)
+        _scores(f, x)
+        (g,) = vjp_fn(torch.ones_like(f))
+        return (f if grad_enabled else f.detach()), (g if create_graph else g.detach())
     with torch.enable_grad():
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         f = model(x)
-        if f.dim() == 2 and f.shape[1] == 1:
-            flat = f.reshape(-1)
-        elif f.dim() == 1:
-            flat = f
-        else:
-            raise ValueError(f"the discriminator must return shape (B,) or (B, 1), got {tuple(f.shape)}")
-        if flat.shape[0] != x.shape[0]:
-            raise ValueError(f"the discriminator returned {flat.shape[0]} scores for a batch of {x.shape[0]}")
+        flat = _scores(f, x)
         # Keep f's graph when the caller will differentiate f (grad mode on).
         (g,) = torch.autograd.grad(flat.sum(), x, create_graph=create_graph,
                                    retain_graph=create_graph or grad_enabled)
@@ -53,6 +54,19 @@ def input_gradient(model: nn.Module, x: torch.Tensor, create_graph: Optional[boo
     if not create_graph:
         g = g.detach()
     return f, g
+
+
+def _scores(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """f as (B,), after checking its shape against the batch of x."""
+    if f.dim() == 2 and f.shape[1] == 1:
+        flat = f.reshape(-1)
+    elif f.dim() == 1:
+        flat = f
+    else:
+        raise ValueError(f"the discriminator must return shape (B,) or (B, 1), got {tuple(f.shape)}")
+    if flat.shape[0] != x.shape[0]:
+        raise ValueError(f"the discriminator returned {flat.shape[0]} scores for a batch of {x.shape[0]}")
+    return flat
 
 
 class GradNorm(nn.Module):
@@ -132,7 +146,7 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     elif tuple(alpha.shape) != (batch,):
         raise ValueError(f"gradient_penalty: alpha must have shape ({batch},), got {tuple(alpha.shape)}")
     a = alpha.reshape((batch,) + (1,) * (real.dim() - 1))
-    x_hat = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
+    x_hat = a * real.detach() + (1 - a) * fake.detach()  # input_gradient differentiates it
     _, g = input_gradient(critic, x_hat)
     return weight * ops.gradient_penalty(g, center)
 

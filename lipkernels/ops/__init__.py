@@ -3,7 +3,7 @@
 Every op has a plain-PyTorch reference (``*_reference``) beside it, written from
 docs/math.md; the tests hold every backend to it.
 """
-from . import _fake
+from . import _fake, _func
 from .clip import clip_, clip_reference
 from .sample_norm import (gn_normalize, gn_normalize_reference, gradient_penalty,
                           gradient_penalty_reference, gran_normalize, gran_normalize_reference,
@@ -12,6 +12,8 @@ from .spectral_norm import (power_iteration, power_iteration_reference, spectral
                             spectral_normalize_reference)
 
 _fake.register()
+for _ns in _fake.namespaces():
+    _func.register(_ns)  # batching rules of the kernel ops (torch.func.vmap)
 
 __all__ = [
     "power_iteration", "spectral_normalize", "sample_norm", "gn_normalize", "gran_normalize",

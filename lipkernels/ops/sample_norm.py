@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from . import _amp, _layout, _validate
+from . import _amp, _func, _layout, _validate
 
 # ----------------------------------------------------------------- references
 
@@ -115,8 +115,33 @@ def r1_penalty_reference(g: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------- dispatch
 
 def _implementation(g: torch.Tensor):
-    """The selected backend's ops (same names and signatures), or None for the reference."""
-    return backends.implementation(g.device)
+    """The selected backend's ops (same names and signatures), or None for the reference;
+    under a torch.func transform, a compiled backend's ops as :mod:`._func` runs them."""
+    impl = backends.implementation(g.device)
+    return impl if impl is None or not _func.active() else _FuncOps(impl)
+
+
+class _FuncOps:
+    """A compiled backend's per-sample ops through the autograd.Function of :mod:`._func`
+    (usable under vmap, grad, jacrev, jacfwd; the same kernels)."""
+
+    def __init__(self, impl) -> None:
+        self.impl = impl
+
+    def sample_norm(self, g):
+        return _func.per_sample(self.impl, "norm", None, g, 0.0)
+
+    def gn_normalize(self, f, g):
+        return _func.per_sample(self.impl, "gn", f, g, 0.0)
+
+    def gran_normalize(self, f, g, eps):
+        return _func.per_sample(self.impl, "gran", f, g, eps)
+
+    def gradient_penalty(self, g, center):
+        return _func.per_sample(self.impl, "gp", None, g, center).mean()
+
+    def r1_penalty(self, g):
+        return _func.per_sample(self.impl, "r1", None, g, 0.0).mean()
 
 
 @_amp.autocast_off

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from . import _amp, _layout, _validate
+from . import _amp, _func, _layout, _validate
 
 
 # ----------------------------------------------------------------- references
@@ -122,6 +122,11 @@ def power_iteration(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
         return torch.empty(0)
     detached = [w.detach() for w in weights]
     impl = _implementation("power_iteration", weights)
+    if _func.active():
+        # Under a torch.func transform (vmap, grad, ...): see ops/_func.py.
+        if impl is None:
+            return _func.power_iteration_reference(detached, us, vs, n_power_iterations, eps)
+        return _func.power_iteration(impl, detached, us, vs, n_power_iterations, eps)
     with torch.no_grad():
         if impl is None:
             return power_iteration_reference(detached, us, vs, n_power_iterations, eps)
@@ -151,6 +156,12 @@ def spectral_normalize_unchecked(weights, us, vs, n_power_iterations: int, eps: 
     if not weights:
         return []
     impl = _implementation("spectral_normalize", weights)
+    if _func.active():
+        # Under a torch.func transform (vmap, grad, ...): see ops/_func.py.
+        if impl is None:
+            return _func.spectral_normalize_reference(weights, us, vs, n_power_iterations, eps,
+                                                      training)
+        return _func.spectral_normalize(impl, weights, us, vs, n_power_iterations, eps, training)
     if impl is None:
         return spectral_normalize_reference(weights, us, vs, n_power_iterations, eps, training)
     return impl.spectral_normalize(list(weights), list(us), list(vs), n_power_iterations, eps,

@@ -360,3 +360,13 @@ def gradient_penalty(g: torch.Tensor, center: float) -> torch.Tensor:
 
 def r1_penalty(g: torch.Tensor) -> torch.Tensor:
     return norm_epilogue(g, None, "r1", 0.0)[0].mean()
+
+
+# Batching rules (torch.func.vmap, is_grads_batched): lipkernels/ops/_func.py.
+def _register_vmap() -> None:
+    import sys
+    from ..ops import _func
+    _func.register_triton(sample_norm=sys.modules[__name__])
+
+
+_register_vmap()

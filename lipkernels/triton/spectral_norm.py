@@ -414,8 +414,10 @@ def _backward_forward(ctx, grad_flat, _grad_sigmas, _grad_uv):
     none = [None] * len(weights)  # the backward returns the inputs' structure (lists for lists)
     if grad_flat is None:
         return none, none, none, None, None
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_flat):
         # create_graph: the formula with torch ops, sigma recomputed from W (u, v constant).
+        # Also for gradients batched by the legacy vmap (gradcheck's check_batched_grad,
+        # is_grads_batched), which has no rule for an op taking Tensor[]: torch ops batch.
         grads, off = [], 0
         for w, g in zip(weights, _split(grad_flat, weights)):
             m = w.shape[0]
@@ -457,3 +459,13 @@ def spectral_normalize(weights, us, vs, n_power_iterations: int, eps: float,
     if iters > 0:
         _store(us, vs, uv)
     return _split(flat, weights)
+
+
+# Batching rules (torch.func.vmap, is_grads_batched): lipkernels/ops/_func.py.
+def _register_vmap() -> None:
+    import sys
+    from ..ops import _func
+    _func.register_triton(spectral_norm=sys.modules[__name__])
+
+
+_register_vmap()

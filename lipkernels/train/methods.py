@@ -1,0 +1,219 @@
+"""The GAN methods of the seed papers, each with its paper's default hyper-parameters,
+built from lipkernels' layers, penalties and losses.
+
+=========  ===================================================================================
+method     what it is (loss; Lipschitz device; optimizer; discriminator steps per G step)
+=========  ===================================================================================
+nsgan      non-saturating GAN (Goodfellow et al. 2014), the baseline: BCE on logits; none;
+           Adam(2e-4, betas (0.5, 0.999)) as DCGAN (Radford et al. 2016); 1
+wgan       WGAN (Arjovsky et al. 2017, Algorithm 1): Wasserstein loss; weight clipping to
+           [-0.01, 0.01] with ``lipkernels.clip_weights_`` after every critic step;
+           RMSprop(5e-5); 5
+wgangp     WGAN-GP (Gulrajani et al. 2017, Algorithm 1): Wasserstein loss + ``lambda = 10``
+           gradient penalty (``lipkernels.gradient_penalty``); Adam(1e-4, betas (0, 0.9)); 5
+sngan      SNGAN (Miyato et al. 2018): hinge loss; every D layer spectrally normalized by
+           lipkernels (``SNLinear`` / ``lipkernels.spectral_norm``, one power iteration, all
+           layers batched by ``SpectralNormGroup``); Adam(1e-4, betas (0.5, 0.9)), the
+           paper's setting A (Table 1); 5
+gngan      GN-GAN (Wu et al. ICCV 2021): BCE on ``lipkernels.nn.GradNorm(D)``, exact double
+           backprop in both steps; Adam(2e-4, betas (0, 0.9)) for D and G; 1 (the authors'
+           CNN configuration, ``config/GN-GAN_CIFAR10_CNN.txt`` of basiclab/GNGAN-PyTorch)
+gngan-fo   GN-GAN with the first-order generator step (``GradNorm(D, first_order=True)``
+           in the G step only; the D step stays exact); as gngan otherwise
+grand      GraN-GAN discriminator (Bhaskara et al. WACV 2022), GraND: BCE on the logits
+           ``lipkernels.nn.GraN(D, tau=1, eps=1e-4)``; optimizer and steps as gngan
+granc      GraN-GAN critic, GraNC: hinge loss on ``GraN(D, tau=1, eps=1e-4)``; as grand
+=========  ===================================================================================
+
+GraN-GAN: the paper's own optimizer settings, tau and eps could not be checked against a
+primary source in this project (docs/math.md section 5); the GN-GAN CNN configuration,
+tau = 1 (K = 1) and lipkernels' default eps are used and said so in the results.
+
+Networks (small, to train on two CPU cores): for the 2-D mixtures a generator
+``z in R^2 -> 128 -> 128 -> 2`` (ReLU) and a discriminator ``2 -> 128 -> 128 -> 1``
+(LeakyReLU 0.1: piecewise linear, as GN's first-order step assumes); for the 16x16
+digits the SNGAN paper's CNN discriminator (``lipkernels.models.sngan_cnn_discriminator``,
+Table 3 (b)) with widths (16, 32, 64, 64) and one input channel, and a DCGAN-style
+generator ``z in R^32 -> dense 4x4x64 -> deconv 64->32 -> deconv 32->16 -> conv 16->1``
+(BatchNorm + ReLU, tanh output).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import clip_weights_, losses, models
+from .. import nn as lnn
+
+Z_DIM = {"2d": 2, "digits": 32}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    loss: losses.GANLoss
+    optimizer: str            # "adam" or "rmsprop"
+    lr: float
+    betas: Tuple[float, float] = (0.5, 0.999)
+    n_critic: int = 1
+    clip: Optional[float] = None       # WGAN weight clipping c
+    gp_weight: Optional[float] = None  # WGAN-GP lambda
+    spectral_norm: bool = False
+    wrap: Optional[str] = None         # None, "gn", "gran"
+    first_order_g: bool = False
+    gran_tau: float = 1.0
+    gran_eps: float = 1e-4
+    source: str = ""
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in [
+    Method("nsgan", "NS-GAN", losses.nonsaturating, "adam", 2e-4, (0.5, 0.999), 1,
+           source="Goodfellow et al. 2014; Adam as DCGAN (Radford et al. 2016)"),
+    Method("wgan", "WGAN (clip)", losses.wasserstein, "rmsprop", 5e-5, n_critic=5, clip=0.01,
+           source="Arjovsky et al. 2017, Algorithm 1"),
+    Method("wgangp", "WGAN-GP", losses.wasserstein, "adam", 1e-4, (0.0, 0.9), 5, gp_weight=10.0,
+           source="Gulrajani et al. 2017, Algorithm 1"),
+    Method("sngan", "SNGAN (hinge)", losses.hinge, "adam", 1e-4, (0.5, 0.9), 5, spectral_norm=True,
+           source="Miyato et al. 2018, Table 1 setting A"),
+    Method("gngan", "GN-GAN", losses.nonsaturating, "adam", 2e-4, (0.0, 0.9), 1, wrap="gn",
+           source="Wu et al. 2021; GN-GAN_CIFAR10_CNN config of the authors' code"),
+    Method("gngan-fo", "GN-GAN (first-order G)", losses.nonsaturating, "adam", 2e-4, (0.0, 0.9), 1,
+           wrap="gn", first_order_g=True,
+           source="Wu et al. 2021, the 'Faster GN-GAN' generator step"),
+    Method("grand", "GraND (GraN-GAN)", losses.nonsaturating, "adam", 2e-4, (0.0, 0.9), 1,
+           wrap="gran", source="Bhaskara et al. 2022; optimizer as GN-GAN (not verified)"),
+    Method("granc", "GraNC (GraN-GAN)", losses.hinge, "adam", 2e-4, (0.0, 0.9), 1, wrap="gran",
+           source="Bhaskara et al. 2022; optimizer as GN-GAN (not verified)"),
+]}
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {name!r}") from None
+
+
+# ------------------------------------------------------------------ networks
+
+def _mlp_generator(z_dim: int, width: int = 128) -> nn.Module:
+    return nn.Sequential(nn.Linear(z_dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, 2))
+
+
+def _mlp_discriminator(sn: bool, width: int = 128) -> nn.Module:
+    lin = lnn.SNLinear if sn else nn.Linear
+    return nn.Sequential(lin(2, width), nn.LeakyReLU(0.1), lin(width, width), nn.LeakyReLU(0.1),
+                         lin(width, 1))
+
+
+def _digits_generator(z_dim: int, c: Tuple[int, int, int] = (64, 32, 16)) -> nn.Module:
+    c0, c1, c2 = c
+    return nn.Sequential(
+        nn.Linear(z_dim, 4 * 4 * c0), nn.Unflatten(1, (c0, 4, 4)), nn.BatchNorm2d(c0), nn.ReLU(),
+        nn.ConvTranspose2d(c0, c1, 4, 2, 1), nn.BatchNorm2d(c1), nn.ReLU(),
+        nn.ConvTranspose2d(c1, c2, 4, 2, 1), nn.BatchNorm2d(c2), nn.ReLU(),
+        nn.Conv2d(c2, 1, 3, 1, 1), nn.Tanh(),
+    )
+
+
+def _digits_discriminator(sn: bool) -> nn.Module:
+    from .. import spectral_norm
+    return models.sngan_cnn_discriminator(norm=spectral_norm if sn else None,
+                                          channels=(16, 32, 64, 64), in_channels=1, image_size=16)
+
+
+def kind(data: str) -> str:
+    return "digits" if data == "digits" else "2d"
+
+
+def build(m: Method, data: str) -> Tuple[nn.Module, nn.Module, int]:
+    """``(G, D, z_dim)`` for method ``m`` on ``data`` (seed the RNG before calling)."""
+    k = kind(data)
+    z_dim = Z_DIM[k]
+    if k == "2d":
+        G, D = _mlp_generator(z_dim), _mlp_discriminator(m.spectral_norm)
+    else:
+        G, D = _digits_generator(z_dim), _digits_discriminator(m.spectral_norm)
+    return G, D, z_dim
+
+
+# ------------------------------------------------------------------ one training step
+
+@dataclass
+class Trainer:
+    """The G and D of one run and their optimizers; :meth:`step` is one generator step
+    after ``n_critic`` discriminator steps."""
+    m: Method
+    G: nn.Module
+    D: nn.Module
+    z_dim: int
+    dtype: torch.dtype = torch.float32
+    d_model: nn.Module = field(init=False)
+    g_model: nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.m
+        self.G.to(self.dtype)
+        self.D.to(self.dtype)
+        self.group = lnn.SpectralNormGroup(self.D) if m.spectral_norm else None
+        if m.wrap == "gn":
+            self.d_model = lnn.GradNorm(self.D)
+            self.g_model = lnn.GradNorm(self.D, first_order=m.first_order_g)
+        elif m.wrap == "gran":
+            self.d_model = self.g_model = lnn.GraN(self.D, tau=m.gran_tau, eps=m.gran_eps)
+        else:
+            self.d_model = self.g_model = self.D
+        self.opt_d, self.opt_g = (self._optimizer(self.D), self._optimizer(self.G))
+
+    def _optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+        if self.m.optimizer == "rmsprop":
+            return torch.optim.RMSprop(net.parameters(), lr=self.m.lr)
+        return torch.optim.Adam(net.parameters(), lr=self.m.lr, betas=self.m.betas)
+
+    def z(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, dtype=self.dtype)
+
+    def step(self, real_batches: List[torch.Tensor]) -> Tuple[float, float]:
+        """One generator step after ``len(real_batches) == n_critic`` D steps;
+        returns ``(mean D loss, G loss)``."""
+        m = self.m
+        d_losses = []
+        for real in real_batches:
+            b = real.shape[0]
+            with torch.no_grad():
+                fake = self.G(self.z(b))
+            out = self.d_model(torch.cat([real, fake])).reshape(-1)
+            d_loss = m.loss.d(out[:b], out[b:])
+            if m.gp_weight is not None:
+                d_loss = d_loss + lnn.gradient_penalty(self.D, real, fake, weight=m.gp_weight)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            if m.clip is not None:
+                clip_weights_(self.D, m.clip)
+            d_losses.append(float(d_loss.detach()))
+        # Generator step: D's weights are constants here.
+        self.D.requires_grad_(False)
+        try:
+            fake = self.G(self.z(real_batches[0].shape[0]))
+            g_loss = m.loss.g(self.g_model(fake).reshape(-1))
+            self.opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            self.opt_g.step()
+        finally:
+            self.D.requires_grad_(True)
+        return sum(d_losses) / len(d_losses), float(g_loss.detach())
+
+    @torch.no_grad()
+    def sample(self, n: int, chunk: int = 2500) -> torch.Tensor:
+        out = [self.G(self.z(min(chunk, n - i))) for i in range(0, n, chunk)]
+        return torch.cat(out)
+
+
+METHOD_NAMES: List[str] = list(METHODS)
+Builder = Callable[[Method, str], Tuple[nn.Module, nn.Module, int]]
