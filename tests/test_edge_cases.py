@@ -411,3 +411,24 @@ def test_spectral_norm_special_values(backend_name):
         _assert_same_special(a, e, f"spectral result {i}", exact_nonfinite=False)
     assert results[backend_name][0].isnan().all() and results[backend_name][1].isnan().all()
     assert torch.equal(results[backend_name][2], torch.zeros(3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_special_values_under_function_transforms(backend_name):
+    """torch.func.grad and vmap (the ops' transform path, lipkernels/ops/_func.py) keep
+    the same special values as the reference."""
+    f, g = _special_batch(torch.float64)
+
+    def total(f, g):
+        return ops.gn_normalize(f, g).sum() + ops.gran_normalize(f, g, GRAN_EPS).sum()
+
+    results = {}
+    for name in ("reference", backend_name):
+        with backend_context(name):
+            dev = torch.get_default_device()
+            fd, gd = f.to(dev), g.to(dev)
+            df, dg = torch.func.grad(total, argnums=(0, 1))(fd, gd)
+            out = torch.func.vmap(ops.gn_normalize)(fd.view(6, 7), gd.view(6, 7, 3, 1))
+            results[name] = (df, dg, out)
+    for what, a, e in zip(("grad f", "grad g", "vmap out"), results[backend_name], results["reference"]):
+        _assert_same_special(a, e, what, exact_nonfinite=what == "vmap out")
