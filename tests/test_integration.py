@@ -59,6 +59,9 @@ def _ddp_worker(rank, world, port, backend, out_path):
         state = _train(model, x)
         if rank == 0:
             torch.save({k.removeprefix("module."): v for k, v in state.items()}, out_path)
+        # Both ranks leave together: a gloo rank tearing down while its peer's connection
+        # is still open aborts ("terminate called without an active exception").
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

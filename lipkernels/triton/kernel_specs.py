@@ -35,13 +35,13 @@ def sample_norm_kernels(t, acc) -> Iterator[Tuple]:
             dict(ACC=acc, DOT=dot, CHUNK=tsn.CHUNK, BLOCK=tsn.BLOCK)
     for epi in range(5):
         for has_f in (False, True):
-            yield tsn._finish_kernel, dict(part_ptr=pa, f_ptr=p, f_stride="i32", out_ptr=p, norm_ptr=pa,
+            yield tsn._finish_kernel, dict(part_ptr=pa, a_ptr=p, N="i64", f_ptr=p, f_stride="i32", out_ptr=p, norm_ptr=pa,
                                            n_chunks="i32", param="fp32"), \
                 dict(EPI=epi, HAS_F=has_f, SQRT=True, ACC=acc, BLOCK_C=16)
             yield tsn._scale_kernel, dict(g_ptr=p, out_ptr=p, coef_ptr=pa, go_ptr=pa, f_ptr=p, f_stride="i32",
                                           norm_ptr=pa, grad_f_ptr=p, N="i64", n_chunks="i32", param="fp32"), \
                 dict(EPI=epi, FROM_EPILOGUE=True, HAS_F=has_f, ACC=acc, CHUNK=tsn.CHUNK, BLOCK=tsn.BLOCK)
-    yield tsn._finish_kernel, dict(part_ptr=pa, f_ptr=pa, f_stride="i32", out_ptr=p, norm_ptr=pa,
+    yield tsn._finish_kernel, dict(part_ptr=pa, a_ptr=p, N="i64", f_ptr=pa, f_stride="i32", out_ptr=p, norm_ptr=pa,
                                    n_chunks="i32", param="fp32"), \
         dict(EPI=0, HAS_F=False, SQRT=False, ACC=acc, BLOCK_C=16)
     yield tsn._scale_kernel, dict(g_ptr=p, out_ptr=p, coef_ptr=pa, go_ptr=pa, f_ptr=pa, f_stride="i32",
