@@ -26,6 +26,9 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -84,6 +87,11 @@ struct MainNs {
 };
 struct CudaEmulationNs {
   static constexpr const char* name = "lipkernels_cuda_emu";
+};
+// The per-call floor's namespace: these autograd kernels over kernel ops that only
+// allocate their outputs (floor.cpp; a benchmark calibration).
+struct FloorNs {
+  static constexpr const char* name = "lipkernels_floor";
 };
 
 #define LK_OP(fn, op_name, sig)                                                           \
@@ -158,28 +166,37 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_backward_differentiable(Epilogue e, 
   return {};
 }
 
+// The autograd node of the per-sample ops, written as ATen's generated nodes are (a
+// Node with SavedVariables, attached with set_history) rather than as a
+// torch::autograd::Function: at (64, 3, 32, 32) the Function's bookkeeping (the
+// saved_data map, output wrapping, its backward's checks) cost about 8 us of a 30 us
+// forward+backward, more than the kernels (docs/math.md section 12).
+// mean_: the op returns the batch mean of the per-sample values (gradient_penalty,
+// r1_penalty), so the backward's dL/dout_i is go / B (as MeanBackward gives it).
 template <class Ns>
-struct NormEpilogueFn : public Function<NormEpilogueFn<Ns>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const std::optional<Tensor>& f,
-                        int64_t epilogue, double param) {
-    const auto e = static_cast<Epilogue>(epilogue);
-    Tensor out, norm;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(out, norm) = norm_epilogue_op<Ns>().call(g, f, epilogue_name(e), param);
-    }
-    ctx->save_for_backward({g, f.value_or(Tensor()), norm});
-    ctx->saved_data["epilogue"] = epilogue;
-    ctx->saved_data["param"] = param;
-    return out;
+struct NormEpilogueBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable g_, f_, norm_;
+  Epilogue e_ = Epilogue::Norm;
+  double param_ = 0.0;
+  bool mean_ = false;
+
+  std::string name() const override { return "lipkernels::NormEpilogueBackward"; }
+
+  void release_variables() override {
+    g_.reset_data();
+    f_.reset_data();
+    norm_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &g = saved[0], &f = saved[1], &norm = saved[2];
-    const auto e = static_cast<Epilogue>(ctx->saved_data["epilogue"].toInt());
-    const double param = ctx->saved_data["param"].toDouble();
-    const Tensor& go = grads[0];
+  variable_list apply(variable_list&& grads) override {
+    const Tensor g = g_.unpack();
+    const Tensor f = f_.unpack();
+    const Tensor norm = norm_.unpack();
+    variable_list out(2);
+    if (!grads[0].defined()) return out;  // no gradient reached this output: zero
+    const Tensor go = mean_ ? (grads[0] / g.size(0)).expand({g.size(0)}) : grads[0];
+    const Epilogue e = e_;
+    const double param = param_;
     Tensor grad_f, grad_g;
     if (torch::autograd::GradMode::is_enabled()) {
       // Recompute n with the differentiable op so that d/dg of this backward sees n(g).
@@ -206,14 +223,36 @@ struct NormEpilogueFn : public Function<NormEpilogueFn<Ns>> {
       std::tie(grad_f, grad_g) =
           norm_epilogue_backward_op<Ns>().call(go, g, fo, norm, epilogue_name(e), param);
     }
-    return {grad_g, f.defined() ? grad_f : Tensor(), Tensor(), Tensor()};
+    if (should_compute_output(0)) out[0] = std::move(grad_g);
+    if (f.defined() && should_compute_output(1)) out[1] = std::move(grad_f);
+    return out;
   }
 };
 
+// The per-sample values of epilogue e (their batch mean when mean), with the node above
+// attached when g or f requires grad.
 template <class Ns>
 Tensor apply_norm_epilogue(const Tensor& g, const std::optional<Tensor>& f, Epilogue e,
-                           double param) {
-  return NormEpilogueFn<Ns>::apply(g, f, static_cast<int64_t>(e), param);
+                           double param, bool mean = false) {
+  Tensor out, norm;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(out, norm) = norm_epilogue_op<Ns>().call(g, f, epilogue_name(e), param);
+    if (mean) out = out.mean();
+  }
+  const Tensor fv = f.has_value() ? *f : Tensor();
+  if (torch::autograd::compute_requires_grad(g, fv)) {
+    auto node = c10::make_intrusive<NormEpilogueBackward<Ns>>();
+    node->set_next_edges(torch::autograd::collect_next_edges(g, fv));
+    node->g_ = torch::autograd::SavedVariable(g, false);
+    node->f_ = torch::autograd::SavedVariable(fv, false);
+    node->norm_ = torch::autograd::SavedVariable(norm, false);
+    node->e_ = e;
+    node->param_ = param;
+    node->mean_ = mean;
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 template <class Ns>
@@ -242,11 +281,11 @@ Tensor gran_normalize_autograd(const Tensor& f, const Tensor& g, double eps) {
 }
 template <class Ns>
 Tensor gradient_penalty_autograd(const Tensor& g, double center) {
-  return apply_norm_epilogue<Ns>(g, std::nullopt, Epilogue::GP, center).mean();
+  return apply_norm_epilogue<Ns>(g, std::nullopt, Epilogue::GP, center, true);
 }
 template <class Ns>
 Tensor r1_penalty_autograd(const Tensor& g) {
-  return apply_norm_epilogue<Ns>(g, std::nullopt, Epilogue::R1, 0.0).mean();
+  return apply_norm_epilogue<Ns>(g, std::nullopt, Epilogue::R1, 0.0, true);
 }
 
 // Forward-only kernels of the same ops (inference mode, and below autograd).
@@ -554,6 +593,11 @@ TORCH_LIBRARY(lipkernels, m) {
 
 TORCH_LIBRARY_IMPL(lipkernels, Autograd, m) { register_autograd<MainNs>(m); }
 TORCH_LIBRARY_IMPL(lipkernels, CompositeExplicitAutograd, m) { register_forward<MainNs>(m); }
+
+// The per-call floor (floor.cpp): the same schemas and autograd, empty kernels.
+TORCH_LIBRARY(lipkernels_floor, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(lipkernels_floor, Autograd, m) { register_autograd<FloorNs>(m); }
+TORCH_LIBRARY_IMPL(lipkernels_floor, CompositeExplicitAutograd, m) { register_forward<FloorNs>(m); }
 
 #ifdef LIPKERNELS_CUDA_EMULATION
 // The emulated CUDA kernels' namespace (their CPU-tensor kernels: cuda/bindings.cpp).
