@@ -218,6 +218,14 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
+def swap(name: str) -> str:
+    """Selects ``name``, already checked (the benchmark's per-call switch: no checks);
+    returns the previous choice."""
+    global _current
+    previous, _current = _current, name
+    return previous
+
+
 def _auto(device_type: str) -> str:
     for candidate in AUTO_ORDER.get(device_type, ("reference",)):
         if backend_status()[candidate][0] and runs_on(candidate, device_type):
@@ -251,7 +259,8 @@ def select(device: torch.device) -> str:
 def implementation(device: torch.device) -> Optional[object]:
     """The ops of the backend that runs an op on tensors of ``device`` (an object with the
     functions of :data:`OPS`), or None when that backend is the reference."""
-    return _lookup(device)[1]
+    found = _choice_cache.get((_current, device.type))  # every op call asks: kept short
+    return (found if found is not None else _lookup(device))[1]
 
 
 def namespace(**ops: Callable) -> types.SimpleNamespace:

@@ -130,6 +130,41 @@ def run_per_sample(fn, f, g, uses_f):
     return (out,) + grads
 
 
+def check_graph_release(name: str) -> None:
+    """The op's autograd node frees what it saved after a backward and checks the saved
+    g's version, with the errors torch's autograd gives the reference; retain_graph
+    keeps it for another backward with the same gradients."""
+    op, ref, uses_f = PER_SAMPLE_OPS[name]
+
+    def outcome(fn, action):
+        torch.manual_seed(0)
+        base = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        f = torch.randn(4, dtype=torch.float64, requires_grad=uses_f)
+        g = base * 1.0
+        out = fn(f, g).sum()
+        if action == "in place":
+            with torch.no_grad():
+                g.add_(1.0)
+        try:
+            first = torch.autograd.grad(out, base, retain_graph=action == "retain")
+            second = torch.autograd.grad(out, base)
+        except RuntimeError as exc:
+            return type(exc), str(exc).split(".")[0]
+        return first, second
+
+    for action in ("twice", "in place", "retain"):
+        ours = outcome(op, action)
+        with lipkernels.use_backend("reference"):
+            theirs = outcome(ref, action)
+        if action == "retain":
+            assert torch.equal(ours[0][0], ours[1][0])
+            assert_close(ours[0][0], theirs[0][0], dtype=torch.float64, what=f"{name} retained")
+        else:
+            assert ours[0] is RuntimeError and theirs[0] is RuntimeError, (action, ours, theirs)
+            key = "second time" if action == "twice" else "modified by an inplace operation"
+            assert key in ours[1] and key in theirs[1], (ours[1], theirs[1])
+
+
 def spectral_layers(shapes, dtype=torch.float64, requires_grad=False, warmup=5):
     """Weights and unit vectors; ``warmup`` reference iterations (in float64) make u, v
     what a layer holds after registration (torch runs 15), so that sigma = u^T W v is

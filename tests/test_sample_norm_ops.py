@@ -11,7 +11,7 @@ import lipkernels
 from lipkernels import ops
 
 from conftest import (CPU_DTYPES, COMPILED_BACKENDS, PER_SAMPLE_OPS, assert_close,
-                      run_per_sample)
+                      check_graph_release, run_per_sample)
 
 HALF = (torch.float16, torch.bfloat16)
 OPS = PER_SAMPLE_OPS
@@ -176,6 +176,33 @@ def test_opcheck(backend):
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_graph_release_and_in_place_checks_as_torch(backend, name):
+    check_graph_release(name)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_floor_is_the_op_with_empty_kernels(name):
+    """torch.ops.lipkernels_floor (the benchmark's per-call floor, docs/math.md section 12):
+    the same schema, dispatch and autograd node as the op, outputs and gradients of the
+    same shapes and dtypes, and kernels that compute nothing."""
+    lib, floor = torch.ops.lipkernels, torch.ops.lipkernels_floor
+    g = torch.randn(4, 3, 5, requires_grad=True)
+    f = torch.randn(4, requires_grad=True)
+    args = {"sample_norm": (g,), "gn_normalize": (f, g), "gran_normalize": (f, g, 0.1),
+            "gradient_penalty": (g, 1.0), "r1_penalty": (g,)}[name]
+    inputs = (f, g) if OPS[name][2] else (g,)
+    real, empty = getattr(lib, name)(*args), getattr(floor, name)(*args)
+    assert str(getattr(floor, name).default._schema).split("::")[1] == \
+        str(getattr(lib, name).default._schema).split("::")[1]
+    assert type(empty.grad_fn) is type(real.grad_fn) and empty.grad_fn.name() == real.grad_fn.name()
+    for a, b in zip(torch.autograd.grad(real.sum(), inputs), torch.autograd.grad(empty.sum(), inputs)):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+    assert (real.shape, real.dtype) == (empty.shape, empty.dtype)
+    with pytest.raises(RuntimeError, match="floor op takes a contiguous g"):
+        floor._norm_epilogue(g.detach().transpose(1, 2), None, "norm", 0.0)
 
 
 def test_compile_fullgraph(backend):

@@ -15,8 +15,8 @@ import torch
 import lipkernels
 from lipkernels import ops
 
-from conftest import (PER_SAMPLE_OPS, assert_close, backend_context, float64_copies,
-                      run_per_sample, spectral_layers)
+from conftest import (PER_SAMPLE_OPS, assert_close, backend_context, check_graph_release,
+                      float64_copies, run_per_sample, spectral_layers)
 
 pytestmark = pytest.mark.triton
 
@@ -89,6 +89,11 @@ def test_zero_gradient_is_finite(name):
     for a, e in zip(_run(op, f, g, uses_f), _run(ref, f, g, uses_f)):
         assert torch.isfinite(a).all()
         assert_close(a, e, what=f"{name} at g = 0")
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_graph_release_and_in_place_checks_as_torch(name):
+    check_graph_release(name)
 
 
 def test_sample_scale_and_dot_and_their_derivatives():
