@@ -170,6 +170,20 @@ def test_quick_preset_runs_every_kind_of_case(tmp_path):
     assert rows and all(r["case"].startswith("r1") for r in rows)
     baseline = [r for r in rows if r["baseline"]]
     assert baseline and all(abs(r["speedup"] - 1.0) < 1e-9 for r in baseline)
+    # the per-call overhead of the cpu op, from calibration rows timed in the same run
+    calibration = [r for r in rows if r.get("calibration")]
+    assert {r["impl"] for r in calibration} == set(cases.calibration_names("cpu"))
+    assert all(r["case"] == "r1 fwd+bwd" and r["median_ms"] > 0 and r["speedup"] is None
+               for r in calibration)
+    cpu = next(r for r in rows if r["case"] == "r1 fwd+bwd" and r["impl"] == "cpu")
+    by = {r["impl"]: r for r in calibration}
+    floor, kernels, empty = (by[n] for n in cases.calibration_names("cpu"))
+    for suffix in ("", "_alone"):
+        o = cpu["overhead" + suffix]
+        assert o["floor_ms"] == floor[f"median{suffix}_ms"]
+        assert o["kernels_ms"] == max(kernels[f"median{suffix}_ms"] - empty[f"median{suffix}_ms"], 0.0)
+        assert math.isclose(o["ratio"], cpu[f"median{suffix}_ms"] / (o["floor_ms"] + o["kernels_ms"]))
+    rows = [r for r in rows if not r.get("calibration")]
     for r in rows:
         assert r["median_ms"] > 0 and r["launches"] >= 1 and r["bandwidth_fraction"] > 0
         assert r["min_ms"] <= r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
@@ -192,7 +206,8 @@ def test_quick_preset_runs_every_kind_of_case(tmp_path):
         assert json.load(f)["provenance"]["preset"] == "quick"
     assert os.path.exists(path[:-5] + ".png")
     text = report.table(results)
-    assert "r1 fwd" in text and "speedup" in text
+    assert "r1 fwd" in text and "speedup" in text and "per-call overhead of cpu" in text
+    assert "Per-call overhead" in report.table(results, markdown=True)
 
 
 def _fake_case(kind="per-sample"):
@@ -326,6 +341,13 @@ def _results(unstable=False) -> dict:
             else:
                 row.update({"median_alone_ms": None, "speedup_alone": None})
             rows.append(row)
+    # a calibration row (the floor) and the overhead it gives the cpu row
+    cpu = next(r for r in rows if r["case"] == "gn fwd+bwd" and r["impl"] == "cpu")
+    cpu["overhead_alone"] = {"floor_ms": 20.0, "kernels_ms": 60.0, "ratio": cpu["median_alone_ms"] / 80.0}
+    rows.append(dict(cpu, impl="cpu: floor (empty kernels)", calibration=True, speedup=None,
+                     speedup_ci=None, speedup_alone=None, speedup_alone_ci=None,
+                     bandwidth_fraction=None, median_ms=20.0, median_alone_ms=20.0))
+    del rows[-1]["overhead_alone"]
     rows.append({"kind": "per-sample", "case": "gn fwd+bwd", "shape": "(256, 3, 128, 128)",
                  "impl": "triton", "baseline": False, "baseline_impl": "reference",
                  "skipped": "RuntimeError: " + "no GPU " * 40})
@@ -353,6 +375,10 @@ def test_markdown_table_records_spread_and_stability():
     assert row.endswith("| yes |")
     assert "| gn fwd+bwd | (256, 3, 128, 128) | cpu | " in md and "| **no** |" in md
     assert "* gn fwd+bwd (256, 3, 128, 128): unstable after 3 measurement(s)" in md
+    assert "| cpu: floor (empty kernels) (calibration) |" in md
+    ratio = 1294.285 / 11.6 / 80.0
+    assert (f"* gn fwd+bwd (256, 3, 128, 128), per-call overhead of cpu: {ratio:.2f}x the floor + kernels "
+            f"({1294.285 / 11.6:.4f} ms; floor 20.0000 + kernels 60.0000) alone") in md
 
 
 def test_plot_explains_itself():
@@ -366,6 +392,7 @@ def test_plot_explains_itself():
     assert "spectral_normalize fwd+bwd BigGAN-scale D, 18 layers, 146.5 MiB" in labels   # the case
     assert "cpu SpectralNormGroup vs torch spectral_norm" in labels        # each bar and its baseline
     assert "D+G step GraN-GAN, batch 16, SNGAN CNN" in labels and "cpu vs reference" in labels
+    assert not any("floor" in label for label in labels)    # calibration rows have no speedup
     hatched = [p for ax in fig.axes for p in ax.patches if p.get_hatch()]
     assert len(hatched) == 4                  # the unstable per-sample case: 2 bars x 2 regimes
     # the labels fit: every tick label inside the figure

@@ -95,7 +95,32 @@ def _rows(case, fns, inter, alone, verdict, attempts, launches, copy_bw) -> List
                     "disturbed_calls": {k: v for k, v in verdict.disturbed.items()
                                         if k.startswith(name + " (")}})
         rows.append(row)
+    _overheads(case, rows)
     return rows
+
+
+def _overheads(case, rows: List[dict]) -> None:
+    """Marks the calibration rows (no speedup of their own) and gives each calibrated
+    backend's row its per-call overhead: op / (floor + kernels), with kernels = kernel
+    ops - empty kernel ops, from the medians of each regime (cases.CALIBRATION)."""
+    by_impl = {r["impl"]: r for r in rows}
+    for backend, names in case.calibrates.items():
+        for name in names:
+            if name in by_impl:
+                by_impl[name].update({"calibration": True, "speedup": None, "speedup_ci": None,
+                                      "speedup_alone": None, "speedup_alone_ci": None,
+                                      "bandwidth_fraction": None})
+        row = by_impl.get(backend)
+        if row is None or not all(n in by_impl for n in names):
+            continue
+        floor, kernels, empty = (by_impl[n] for n in names)
+        for suffix in ("", "_alone"):
+            key = f"median{suffix}_ms"
+            if row.get(key) is None:
+                continue
+            k_ms = max(kernels[key] - empty[key], 0.0)
+            row[f"overhead{suffix}"] = {"floor_ms": floor[key], "kernels_ms": k_ms,
+                                        "ratio": row[key] / (floor[key] + k_ms)}
 
 
 class _Spent:

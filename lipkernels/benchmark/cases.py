@@ -38,6 +38,9 @@ class Case:
     baseline: str
     impls: Dict[str, Factory]
     bytes: int = 0
+    # backend -> its calibration rows (floor, kernel ops, empty kernel ops): the per-call
+    # overhead of the backend's row, op / (floor + kernels), is computed from them
+    calibrates: Dict[str, tuple] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -96,9 +99,19 @@ def compiled_backends(device: torch.device) -> List[str]:
 
 
 def _with_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with backend ``name`` selected during each call. The switch is timed with the
+    call, for every implementation alike: it is backends.swap (about 0.1 us) rather than
+    the use_backend context manager (about 1 us, which at 0.04 ms per call would take 2%
+    off every speedup)."""
+    with backends.use_backend(name):  # checks the name, once
+        pass
+
     def call():
-        with backends.use_backend(name):
+        previous = backends.swap(name)
+        try:
             return fn()
+        finally:
+            backends.swap(previous)
     return call
 
 
@@ -226,6 +239,56 @@ _PLAIN = {
 }
 
 
+# Per-call overhead (docs/math.md section 12): beside a C++ backend's op, at the first
+# (smallest) shape, forward + backward, three calibration rows timed in the same run:
+#   floor: the same public op of the lipkernels_floor namespace, the same dispatch and
+#     autograd with kernel ops that only allocate their outputs, called the same way;
+#   kernel ops: the op's forward and backward kernel ops called directly;
+#   kernel ops, empty: the same calls into the floor's kernel ops.
+# kernels = kernel ops - kernel ops, empty (the kernels' own time), and the overhead
+# ratio of the op is op / (floor + kernels): 1 means no cost beyond an empty C++
+# autograd op and the kernels.
+CALIBRATION = ("floor (empty kernels)", "kernel ops", "kernel ops, empty")
+# op -> (public op, epilogue, its parameter, takes f)
+_KERNEL_CALLS = {"gn": ("gn_normalize", "gn", 0.0, True), "gran": ("gran_normalize", "gran", 1e-4, True),
+                 "gp": ("gradient_penalty", "gp", 1.0, False), "r1": ("r1_penalty", "r1", 0.0, False)}
+
+
+def calibration_names(backend: str) -> tuple:
+    return tuple(f"{backend}: {what}" for what in CALIBRATION)
+
+
+def _calibration(op: str, shape: tuple, device: torch.device) -> Dict[str, Factory]:
+    public, epilogue, param, takes_f = _KERNEL_CALLS[op]
+    floor_ns, main_ns = torch.ops.lipkernels_floor, torch.ops.lipkernels
+
+    def tensors(grad: bool):
+        torch.manual_seed(0)
+        g = torch.randn(shape, device=device, requires_grad=grad)
+        f = torch.randn(shape[0], device=device, requires_grad=grad)
+        return f, g
+
+    def floor():
+        f, g = tensors(True)
+        args = ((f, g) if takes_f else (g,)) + ((param,) if op in ("gran", "gp") else ())
+        inputs = (f, g) if takes_f else (g,)
+        fn = getattr(floor_ns, public)
+        return lambda: torch.autograd.grad(fn(*args).sum(), inputs)
+
+    def kernels(ns):
+        def factory():
+            f, g = tensors(False)
+            fo = f if takes_f else None
+            go = torch.ones(shape[0], device=device)
+
+            def call():
+                _, norm = ns._norm_epilogue(g, fo, epilogue, param)
+                return ns._norm_epilogue_backward(go, g, fo, norm, epilogue, param)
+            return call
+        return factory
+    return dict(zip(CALIBRATION, (floor, kernels(main_ns), kernels(floor_ns))))
+
+
 def per_sample_cases(p: Preset, device: torch.device) -> List[Case]:
     cases = []
     names = compiled_backends(device)
@@ -252,8 +315,15 @@ def per_sample_cases(p: Preset, device: torch.device) -> List[Case]:
                 impls.update({b: build(b, fn) for b in names})
                 if op in _PLAIN:
                     impls["plain PyTorch (paper code)"] = build("reference", _PLAIN[op])
+                calibrates = {}
+                if mode == "fwd+bwd" and shape == p.per_sample_shapes[0]:
+                    for b in names:
+                        if b in ("cpu", "cuda") and hasattr(torch.ops.lipkernels_floor, "gn_normalize"):
+                            found = _calibration(op, tuple(shape), device)
+                            calibrates[b] = calibration_names(b)
+                            impls.update(zip(calibrates[b], found.values()))
                 cases.append(Case("per-sample", f"{op} {mode}", str(tuple(shape)), "reference",
-                                  impls, bytes=traffic * nbytes))
+                                  impls, bytes=traffic * nbytes, calibrates=calibrates))
     return cases
 
 

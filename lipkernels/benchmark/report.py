@@ -155,6 +155,18 @@ def _case_reasons(rows: List[dict]) -> Optional[str]:
             + "; ".join(bad.get("unstable_reasons") or ["no reason recorded"]))
 
 
+def _overhead_text(r: dict) -> Optional[str]:
+    """"cpu: 1.31x (floor 0.018 ms + kernels 0.011 ms) alone; ... interleaved" for a row
+    with a per-call overhead (benchmark._overheads), else None."""
+    parts = []
+    for suffix, regime in (("_alone", "alone"), ("", "interleaved")):
+        o = r.get("overhead" + suffix)
+        if o:
+            parts.append(f"{_speedup(o['ratio'])}x the floor + kernels ({r['median' + suffix + '_ms']:.4f} ms; "
+                         f"floor {o['floor_ms']:.4f} + kernels {o['kernels_ms']:.4f}) {regime}")
+    return f"per-call overhead of {r['impl']}: " + "; ".join(parts) if parts else None
+
+
 def _wrap(text: str, indent: str = "") -> List[str]:
     return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
                          break_on_hyphens=False) or [indent]
@@ -190,6 +202,10 @@ def table(results: dict, markdown: bool = False) -> str:
         lines += ["", textwrap.shorten(f"{kind}: {case}, {shape}; baseline {base}", WIDTH),
                   line(head)]
         lines += [line(_cells(r, unit=False)) for r in rows]
+        for r in rows:
+            text = _overhead_text(r)
+            if text:
+                lines += _wrap(text, "  ")
         why = _case_reasons(rows)
         if why:
             lines += _wrap("! " + why, "  ")
@@ -212,7 +228,9 @@ def _markdown(results: dict) -> str:
         c = _cells(r)
         alone = f"{c[4]} ({c[5]})" if r.get("median_alone_ms") else "-"
         stable = "yes" if r.get("stable", True) else "**no**"
-        out.append("| " + " | ".join([r["kind"], r["case"], r["shape"], c[0] + (" (baseline)" if r["baseline"] else ""),
+        out.append("| " + " | ".join([r["kind"], r["case"], r["shape"],
+                                      c[0] + (" (baseline)" if r["baseline"] else "")
+                                      + (" (calibration)" if r.get("calibration") else ""),
                                       f"{c[1]} ({c[2]})",
                                       _ms(r.get("min_ms")), c[3], alone, c[6], c[7], c[8], stable])
                    + " |")
@@ -223,6 +241,13 @@ def _markdown(results: dict) -> str:
             reasons.append(f"* {case} {shape}: {why}")
     if reasons:
         out += ["", "Unstable rows (not clean numbers: measure again on a quiet machine):", ""] + reasons
+    overheads = [f"* {r['case']} {r['shape']}, {text}" for r in results["results"]
+                 for text in [_overhead_text(r)] if text]
+    if overheads:
+        out += ["", "Per-call overhead (rows marked calibration: the floor is the same op through the "
+                "same dispatch and autograd with kernels that only allocate their outputs; kernels = "
+                "kernel ops - empty kernel ops, each called directly; docs/math.md section 12):", ""]
+        out += overheads
     return "\n".join(out)
 
 
@@ -330,7 +355,8 @@ def plot_figure(results: dict):
     from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    rows = [r for r in results["results"] if "skipped" not in r and not r["baseline"]]
+    rows = [r for r in results["results"]
+            if "skipped" not in r and not r["baseline"] and not r.get("calibration")]
     if not rows:
         return None
     kinds = [k for k in _PANELS if any(r["kind"] == k for r in rows)]
