@@ -88,7 +88,9 @@ inline NormEpilogueCall prepare_norm_epilogue(const at::Tensor& g_in,
 struct NormEpilogueBackwardCall {
   Epilogue e;
   at::Tensor g, f;  // as in NormEpilogueCall
-  at::Tensor go;    // dL/dout: (B,) contiguous, accumulation type
+  at::Tensor go;    // dL/dout: (B,) of the accumulation type, any stride (go_stride): a
+                   // sum's or mean's backward gives one stride-0 value, read in place
+  int64_t go_stride;
   at::Tensor norm;  // (B,) contiguous, accumulation type
   int64_t B, N;
   at::Tensor grad_f;  // (B,) of g's dtype; (0,) when the epilogue takes no f
@@ -121,7 +123,8 @@ inline NormEpilogueBackwardCall prepare_norm_epilogue_backward(
   c.N = sample_numel(c.g);
   c.grad_g = empty_like(c.g);
   c.grad_f = epilogue_uses_f(e) ? at::empty({B}, c.g.options()) : at::empty({0}, c.g.options());
-  c.go = grad_out.to(acc_type_of(c.g.scalar_type())).contiguous();
+  c.go = grad_out.to(acc_type_of(c.g.scalar_type()));
+  c.go_stride = c.go.stride(0);
   return c;
 }
 

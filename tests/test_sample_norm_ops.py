@@ -184,6 +184,32 @@ def test_graph_release_and_in_place_checks_as_torch(backend, name):
 
 
 @pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("how", ["sum", "stacked column"])
+def test_output_gradient_of_any_stride(backend, name, how):
+    """The backward kernels read dL/dout in place with its stride: 0 from a sum's backward,
+    2 from one column of a stacked pair; the gradients are the reference's."""
+    op, ref, uses_f = OPS[name]
+
+    def grads(fn):
+        torch.manual_seed(0)
+        g = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+        f = torch.randn(5, dtype=torch.float64, requires_grad=uses_f)
+        out = fn(f, g)
+        if how == "sum":
+            loss = out.sum()
+        else:
+            pair = torch.stack([out, torch.ones_like(out)], dim=-1)
+            loss = (pair * torch.linspace(-1.0, 2.0, pair.numel(), dtype=torch.float64).view(pair.shape)).sum()
+        return torch.autograd.grad(loss, (f, g) if uses_f else (g,))
+
+    ours = grads(op)
+    with lipkernels.use_backend("reference"):
+        theirs = grads(ref)
+    for a, e in zip(ours, theirs):
+        assert_close(a, e, dtype=torch.float64, what=f"{name} gradient, dL/dout from a {how}")
+
+
+@pytest.mark.parametrize("name", list(OPS))
 def test_floor_is_the_op_with_empty_kernels(name):
     """torch.ops.lipkernels_floor (the benchmark's per-call floor, docs/math.md section 12):
     the same schema, dispatch and autograd node as the op, outputs and gradients of the

@@ -96,7 +96,8 @@ void norm_epilogue_forward_kernel(const T* g, int64_t B, int64_t N, const T* f, 
 }
 
 template <typename T>
-void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t B, int64_t N,
+void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, int64_t go_stride, const T* g,
+                                   int64_t B, int64_t N,
                                    const T* f, int64_t f_stride, const acc_t<T>* norm, Epilogue e,
                                    acc_t<T> param, T* grad_f, T* grad_g) {
   using A = acc_t<T>;
@@ -108,7 +109,7 @@ void norm_epilogue_backward_kernel(const acc_t<T>* grad_out, const T* g, int64_t
   for (int64_t b = 0; b < B; ++b) {
     const A fb = f ? static_cast<A>(f[b * f_stride]) : A(0);
     A gf, coef;
-    epilogue_backward<A>(e, grad_out[b], fb, norm[b], param, &gf, &coef, &f0[b], &f1[b]);
+    epilogue_backward<A>(e, grad_out[b * go_stride], fb, norm[b], param, &gf, &coef, &f0[b], &f1[b]);
     if (grad_f) grad_f[b] = static_cast<T>(gf);
     if (single) grad_g[b] = static_cast<T>(epilogue_single_grad<A>(f1[b], static_cast<A>(g[b]), norm[b]));
   }
@@ -149,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.g.scalar_type(), "norm_epilogue_backward", [&] {
     using A = acc_t<scalar_t>;
     norm_epilogue_backward_kernel<scalar_t>(
-        c.go.const_data_ptr<A>(), c.g.const_data_ptr<scalar_t>(), c.B, c.N,
+        c.go.const_data_ptr<A>(), c.go_stride, c.g.const_data_ptr<scalar_t>(), c.B, c.N,
         use_f ? c.f.const_data_ptr<scalar_t>() : nullptr, use_f ? c.f.stride(0) : 0,
         c.norm.const_data_ptr<A>(), c.e, static_cast<A>(param),
         use_f ? c.grad_f.mutable_data_ptr<scalar_t>() : nullptr, c.grad_g.mutable_data_ptr<scalar_t>());

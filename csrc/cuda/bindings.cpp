@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> norm_epilogue_backward(
     using T = native_t<scalar_t>;
     using A = acc_t<T>;
     check_launch(cuda::norm_epilogue_backward<T>(
-                     dev.in<A>(c.go), cptr<scalar_t>(dev, c.g), c.B, c.N,
+                     dev.in<A>(c.go), c.go_stride, cptr<scalar_t>(dev, c.g), c.B, c.N,
                      use_f ? cptr<scalar_t>(dev, c.f) : nullptr, use_f ? c.f.stride(0) : 0,
                      dev.in<A>(c.norm), c.e, static_cast<A>(param),
                      use_f ? mptr<scalar_t>(dev, c.grad_f) : nullptr, mptr<scalar_t>(dev, c.grad_g), current_stream()),

@@ -53,9 +53,11 @@ cudaError_t norm_epilogue_forward(const T* g, int64_t B, int64_t N, const T* f, 
                                   acc_t<T>* out_acc, acc_t<T>* partials, cudaStream_t stream);
 
 // grad_g[b, j] = c_b * g[b, j] and grad_f[b] (when grad_f is non-null), with
-// (grad_f[b], c_b) = epilogue_backward(grad_out[b], f_b, norm[b]). grad_g has g's layout.
+// (grad_f[b], c_b) = epilogue_backward(grad_out[b * go_stride], f_b, norm[b]). grad_g has
+// g's layout.
 template <typename T>
-cudaError_t norm_epilogue_backward(const acc_t<T>* grad_out, const T* g, int64_t B, int64_t N,
+cudaError_t norm_epilogue_backward(const acc_t<T>* grad_out, int64_t go_stride, const T* g,
+                                   int64_t B, int64_t N,
                                    const T* f, int64_t f_stride, const acc_t<T>* norm, Epilogue e,
                                    acc_t<T> param, T* grad_f, T* grad_g, cudaStream_t stream);
 

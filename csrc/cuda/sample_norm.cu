@@ -107,6 +107,7 @@ template <typename T>
 struct ScaleCoef {
   const acc_t<T>* coef;  // sample_scale: c_b = coef[b]; nullptr: from the epilogue below
   const acc_t<T>* grad_out;
+  int64_t go_stride;
   const T* f;
   int64_t f_stride;
   const acc_t<T>* norm;
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       A gf = A(0), coef = A(0);
       const A fb = cs.f ? to_acc(cs.f[s * cs.f_stride]) : A(0);
-      epilogue_backward<A>(cs.e, cs.grad_out[s], fb, cs.norm[s], cs.param, &gf, &coef, &a, &b);
+      epilogue_backward<A>(cs.e, cs.grad_out[s * cs.go_stride], fb, cs.norm[s], cs.param, &gf, &coef, &a, &b);
       if (c == 0 && threadIdx.x == 0 && cs.grad_f) cs.grad_f[s] = from_acc<T>(gf);
       // One element per sample: dL/dn * (g / n), as 1 / n can overflow (epilogue.h).
       single = N == 1 && cs.e != Epilogue::R1;
@@ -199,17 +200,18 @@ cudaError_t norm_epilogue_forward(const T* g, int64_t B, int64_t N, const T* f, 
 }
 
 template <typename T>
-cudaError_t norm_epilogue_backward(const acc_t<T>* grad_out, const T* g, int64_t B, int64_t N,
+cudaError_t norm_epilogue_backward(const acc_t<T>* grad_out, int64_t go_stride, const T* g,
+                                   int64_t B, int64_t N,
                                    const T* f, int64_t f_stride, const acc_t<T>* norm, Epilogue e,
                                    acc_t<T> param, T* grad_f, T* grad_g, cudaStream_t stream) {
-  const ScaleCoef<T> cs{nullptr, grad_out, f, f_stride, norm, e, param, grad_f};
+  const ScaleCoef<T> cs{nullptr, grad_out, go_stride, f, f_stride, norm, e, param, grad_f};
   return launch_sample_scale<T>(g, grad_g, B, N, cs, stream);
 }
 
 template <typename T>
 cudaError_t sample_scale(const T* g, const acc_t<T>* coef, int64_t B, int64_t N, T* out,
                          cudaStream_t stream) {
-  const ScaleCoef<T> cs{coef, nullptr, nullptr, 0, nullptr, Epilogue::Norm, acc_t<T>(0), nullptr};
+  const ScaleCoef<T> cs{coef, nullptr, 0, nullptr, 0, nullptr, Epilogue::Norm, acc_t<T>(0), nullptr};
   return launch_sample_scale<T>(g, out, B, N, cs, stream);
 }
 
@@ -225,9 +227,9 @@ cudaError_t sample_dot(const T* a, const T* b, int64_t B, int64_t N, T* out, acc
   template cudaError_t norm_epilogue_forward<T>(const T*, int64_t, int64_t, const T*, int64_t,     \
                                                 Epilogue, acc_t<T>, acc_t<T>*, T*, acc_t<T>*,      \
                                                 acc_t<T>*, cudaStream_t);                          \
-  template cudaError_t norm_epilogue_backward<T>(const acc_t<T>*, const T*, int64_t, int64_t,      \
-                                                 const T*, int64_t, const acc_t<T>*, Epilogue,     \
-                                                 acc_t<T>, T*, T*, cudaStream_t);                  \
+  template cudaError_t norm_epilogue_backward<T>(const acc_t<T>*, int64_t, const T*, int64_t,   \
+                                                 int64_t, const T*, int64_t, const acc_t<T>*,      \
+                                                 Epilogue, acc_t<T>, T*, T*, cudaStream_t);        \
   template cudaError_t sample_scale<T>(const T*, const acc_t<T>*, int64_t, int64_t, T*,            \
                                        cudaStream_t);                                              \
   template cudaError_t sample_dot<T>(const T*, const T*, int64_t, int64_t, T*, acc_t<T>*,          \

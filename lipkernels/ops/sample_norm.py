@@ -138,7 +138,7 @@ _LEAST, _MOST = 2.0 ** -126, 3.0e38
 def _plain(g, f=None):
     """The backend's ops for a plain call on g (and f: (B,), g's dtype and device), or
     None: then the checked path runs."""
-    if (type(g) is not _Tensor or _any_autocast() or _compiling() or _interpreters() is not None
+    if (type(g) is not _Tensor or _compiling() or _any_autocast() or _interpreters() is not None
             or _func._forward_ad._current_level >= 0 or g.dim() < 2 or not g.is_floating_point()):
         return None
     if f is not None and (type(f) is not _Tensor or f.dtype != g.dtype or f.dim() != 1
