@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import lipkernels
 
@@ -163,6 +164,42 @@ def check_graph_release(name: str) -> None:
             assert ours[0] is RuntimeError and theirs[0] is RuntimeError, (action, ours, theirs)
             key = "second time" if action == "twice" else "modified by an inplace operation"
             assert key in ours[1] and key in theirs[1], (ours[1], theirs[1])
+
+
+def check_saved_tensor_hooks(name: str) -> None:
+    """What the op saves for its backward goes through torch.autograd.graph's saved-tensor
+    hooks (offloading, torch.utils.checkpoint), and anomaly mode runs it, with the
+    gradients of a plain call."""
+    op, _, uses_f = PER_SAMPLE_OPS[name]
+
+    def grads(wrap):
+        torch.manual_seed(0)
+        g = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        f = torch.randn(4, dtype=torch.float64, requires_grad=uses_f)
+        inputs = (f, g) if uses_f else (g,)
+        return torch.autograd.grad(wrap(lambda: op(f, g * 1.0)).sum(), inputs)
+
+    plain = grads(lambda fn: fn())
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    def hooked(fn):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return fn()
+
+    def anomaly(fn):
+        with torch.autograd.detect_anomaly(check_nan=True):
+            return fn()
+
+    for label, wrap in (("saved_tensors_hooks", hooked),
+                        ("checkpoint", lambda fn: torch.utils.checkpoint.checkpoint(fn, use_reentrant=False)),
+                        ("detect_anomaly", anomaly)):
+        for a, e in zip(grads(wrap), plain):
+            assert torch.equal(a, e), f"{name}: gradients under {label}"
+    assert (4, 3, 5) in packed, f"{name}: g was not saved through the hooks ({packed})"
 
 
 def spectral_layers(shapes, dtype=torch.float64, requires_grad=False, warmup=5):

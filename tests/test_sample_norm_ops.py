@@ -11,7 +11,7 @@ import lipkernels
 from lipkernels import ops
 
 from conftest import (CPU_DTYPES, COMPILED_BACKENDS, PER_SAMPLE_OPS, assert_close,
-                      check_graph_release, run_per_sample)
+                      check_graph_release, check_saved_tensor_hooks, run_per_sample)
 
 HALF = (torch.float16, torch.bfloat16)
 OPS = PER_SAMPLE_OPS
@@ -181,6 +181,11 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("name", list(OPS))
 def test_graph_release_and_in_place_checks_as_torch(backend, name):
     check_graph_release(name)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_saved_tensor_hooks_checkpoint_and_anomaly_mode(backend, name):
+    check_saved_tensor_hooks(name)
 
 
 @pytest.mark.parametrize("name", list(OPS))

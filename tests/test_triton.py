@@ -16,7 +16,7 @@ import lipkernels
 from lipkernels import ops
 
 from conftest import (PER_SAMPLE_OPS, assert_close, backend_context, check_graph_release,
-                      float64_copies, run_per_sample, spectral_layers)
+                      check_saved_tensor_hooks, float64_copies, run_per_sample, spectral_layers)
 
 pytestmark = pytest.mark.triton
 
@@ -94,6 +94,11 @@ def test_zero_gradient_is_finite(name):
 @pytest.mark.parametrize("name", list(OPS))
 def test_graph_release_and_in_place_checks_as_torch(name):
     check_graph_release(name)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_saved_tensor_hooks_checkpoint_and_anomaly_mode(name):
+    check_saved_tensor_hooks(name)
 
 
 def test_sample_scale_and_dot_and_their_derivatives():
