@@ -1,9 +1,10 @@
 // The per-call floor (benchmark calibration, docs/math.md section 12): the
 // lipkernels_floor namespace has the schemas and the autograd of the lipkernels ops
 // (ops.cpp) and, on CPU and CUDA, kernel ops that only allocate their outputs, as the
-// real kernels do (the CPU output cache, torch's allocators), and compute nothing. torch.ops.lipkernels_floor.gn_normalize(f, g) is
-// thus the same call through the same dispatch and autograd with empty kernels: what
-// a C++ autograd op costs before its kernels run. `lipkernels bench` times it beside
+// real kernels do (the CPU output cache, torch's allocators), and compute nothing.
+// torch.ops.lipkernels_floor.gn_normalize(f, g) is thus the same call through the same
+// dispatch and autograd with empty kernels: what a C++ autograd op costs before its
+// kernels run. `lipkernels bench` times it beside
 // the ops; its outputs are uninitialised memory, never a result.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

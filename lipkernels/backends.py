@@ -259,8 +259,7 @@ def select(device: torch.device) -> str:
 def implementation(device: torch.device) -> Optional[object]:
     """The ops of the backend that runs an op on tensors of ``device`` (an object with the
     functions of :data:`OPS`), or None when that backend is the reference."""
-    found = _choice_cache.get((_current, device.type))  # every op call asks: kept short
-    return (found if found is not None else _lookup(device))[1]
+    return _lookup(device)[1]
 
 
 def namespace(**ops: Callable) -> types.SimpleNamespace:

@@ -121,14 +121,13 @@ def _implementation(g: torch.Tensor):
     return impl if impl is None or not _func.active() else _FuncOps(impl)
 
 
-# A plain call (exact torch.Tensor arguments that pass every check, no autocast, no
-# torch.func transform or forward-mode AD, not being traced) goes straight to the
-# backend's op: at (64, 3, 32, 32) the checked path's Python costs about 2.5 us of a
-# 35 us forward+backward, this test about 1 us (docs/math.md section 12). Anything else
-# takes the checked path, which gives the same result or the error.
+# A plain call (exact torch.Tensor arguments that pass every check, no torch.func
+# transform or forward-mode AD, not being traced) goes straight to the backend's op: at
+# (64, 3, 32, 32) the checked path's Python costs about 2.5 us of a 35 us
+# forward+backward, this test about 1 us (docs/math.md section 12). Anything else takes
+# the checked path, which gives the same result or the error. (Every op runs with
+# autocast off, _amp.autocast_off, so autocast needs no test here.)
 _Tensor = torch.Tensor
-_any_autocast = torch._C._is_any_autocast_enabled
-_interpreters = torch._C._functorch.peek_interpreter_stack
 _compiling = torch.compiler.is_compiling
 # |x| in [_LEAST, _MOST] is a finite non-zero float32 (docs/math.md section 10): an eps > 0
 # or a center in that range passes the checks of the checked path for every dtype.
@@ -138,8 +137,8 @@ _LEAST, _MOST = 2.0 ** -126, 3.0e38
 def _plain(g, f=None):
     """The backend's ops for a plain call on g (and f: (B,), g's dtype and device), or
     None: then the checked path runs."""
-    if (type(g) is not _Tensor or _compiling() or _any_autocast() or _interpreters() is not None
-            or _func._forward_ad._current_level >= 0 or g.dim() < 2 or not g.is_floating_point()):
+    if (type(g) is not _Tensor or _compiling() or _func.active() or g.dim() < 2
+            or not g.is_floating_point()):
         return None
     if f is not None and (type(f) is not _Tensor or f.dtype != g.dtype or f.dim() != 1
                           or f.shape[0] != g.shape[0] or f.device != g.device):
