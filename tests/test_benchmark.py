@@ -4,6 +4,7 @@ spread, disturbed measurements are detected, re-measured and marked, files, tabl
 plot and the README table are written. No assertion here depends on a real timing."""
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import math
@@ -432,3 +433,24 @@ def test_help_is_plain_text(capsys):
     with pytest.raises(SystemExit):
         report.main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def test_results_go_under_the_current_directory(tmp_path, monkeypatch):
+    """Without --output / --out, `lipkernels bench` and `lipkernels train` write under the
+    current directory, never into the tree that holds the lipkernels package (a run from
+    another directory once wrote bench/results/*-quick.json into the source checkout)."""
+    import lipkernels
+    package_tree = os.path.dirname(os.path.dirname(os.path.abspath(lipkernels.__file__)))
+
+    def files():
+        return set(glob.glob(os.path.join(package_tree, "bench", "results", "**"), recursive=True))
+
+    before = files()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick", "--only", "r1 fwd", "--no-plot"]) == 0
+    assert cli.main(["train", "--method", "gngan", "--data", "ring8", "--quick", "--no-plot"]) == 0
+    written = sorted(os.path.relpath(p, tmp_path) for p in glob.glob(str(tmp_path / "**" / "*.*"), recursive=True))
+    assert any(p.startswith(os.path.join("bench", "results", "")) and p.endswith("-quick.json")
+               for p in written), written
+    assert any(p.startswith(os.path.join("bench", "results", "train", "train-")) for p in written), written
+    assert files() == before, sorted(files() - before)

@@ -309,8 +309,14 @@ def _stem(meta: dict) -> str:
     return f"{slug}-{meta['date'][:10]}" + ("" if meta["preset"] == "default" else f"-{meta['preset']}")
 
 
+#: Where ``lipkernels bench`` writes without ``--output``: under the current directory
+#: (bench/results of a checkout when run from its root, as ``make bench`` does), never
+#: into the installed package's own tree.
+DEFAULT_OUTPUT = os.path.join("bench", "results")
+
+
 def save(results: dict, output: Optional[str] = None, plot: bool = True) -> str:
-    out_dir = output or (RESULTS if os.path.isdir(os.path.dirname(RESULTS)) else "lipkernels-bench-results")
+    out_dir = os.path.abspath(output or DEFAULT_OUTPUT)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, _stem(results["provenance"]) + ".json")
     with open(path, "w") as f:
