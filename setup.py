@@ -63,6 +63,17 @@ def cuda_config():
     home = cpp_extension.CUDA_HOME
     if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
         return False, "nvcc_not_found", ""
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        # torch takes CUDA_HOME from the nvcc on PATH: a link or wrapper script
+        # /usr/local/bin/nvcc gives /usr/local, which has no CUDA headers. The toolkit is
+        # where a link points, or at its default place.
+        real = os.path.dirname(os.path.dirname(os.path.realpath(os.path.join(home, "bin", "nvcc"))))
+        for cand in (real, "/usr/local/cuda"):
+            if os.path.exists(os.path.join(cand, "include", "cuda_runtime.h")) and \
+                    os.path.exists(os.path.join(cand, "bin", "nvcc")):
+                print(f"lipkernels: CUDA_HOME {home} has no CUDA headers; using {cand}")
+                cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cand
+                break
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
     # torch.utils.cpp_extension reads the list from the environment (without it, it
     # would build for the GPUs of the build machine only).

@@ -38,6 +38,7 @@
 #include "binding_utils.h"
 #include "cpu/output_cache.h"
 #include "epilogue.h"
+#include "torch_compat.h"
 
 #ifndef LIPKERNELS_VERSION
 #define LIPKERNELS_VERSION unknown
@@ -243,7 +244,7 @@ Tensor apply_norm_epilogue(const Tensor& g, const std::optional<Tensor>& f, Epil
   }
   const Tensor fv = f.has_value() ? *f : Tensor();
   if (torch::autograd::compute_requires_grad(g, fv)) {
-    auto node = c10::make_intrusive<NormEpilogueBackward<Ns>>();
+    auto node = compat::make_node<NormEpilogueBackward<Ns>>();
     node->set_next_edges(torch::autograd::collect_next_edges(g, fv));
     node->g_ = torch::autograd::SavedVariable(g, false);
     node->f_ = torch::autograd::SavedVariable(fv, false);

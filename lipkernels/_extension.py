@@ -24,6 +24,12 @@ def _find_library() -> str | None:
     explicit = os.environ.get("LIPKERNELS_LIBRARY")
     if explicit:
         return explicit
+    # The build for this interpreter first (an in-place build for another Python, e.g.
+    # _C.cpython-311-*.so beside _C.cpython-312-*.so, is built against another torch).
+    import importlib.machinery
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(os.path.join(_PACKAGE_DIR, "_C" + suffix)):
+            return os.path.join(_PACKAGE_DIR, "_C" + suffix)
     found = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")) +
                    glob.glob(os.path.join(_PACKAGE_DIR, "_C*.pyd")))
     return found[0] if found else None

@@ -197,13 +197,15 @@ def _record_triton() -> Iterator[Record]:
             call.load_sectors += int(sectors.size)
             program["loads"].update(sectors.tolist())
 
-    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # The arguments after the mask differ between Triton versions (3.6: cache_modifier,
+    # eviction_policy; 3.9: cache_policy): passed through as they come.
+    def masked_load(self, ptrs, mask, *rest):
         account(ptrs, mask, False)
-        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return orig_load(self, ptrs, mask, *rest)
 
-    def masked_store(self, ptrs, value, mask, cache_policy):
+    def masked_store(self, ptrs, value, mask, *rest):
         account(ptrs, mask, True)
-        return orig_store(self, ptrs, value, mask, cache_policy)
+        return orig_store(self, ptrs, value, mask, *rest)
 
     interpreter.InterpretedFunction.run = run
     builder.create_masked_load = masked_load
