@@ -8,6 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 # Triton for the triton backend; without a GPU its kernels run under the interpreter.
 TRITON ?= triton==3.9.0
+NUMPY ?= numpy
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu \
@@ -15,11 +16,11 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/
 # cmake from the machine, else from PyPI into the virtualenv.
 CMAKE := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
-.PHONY: install test bench cmake-build cuda-check cuda-objects check clean emu-test sanitize sanitize-asan sanitize-tsan
+.PHONY: install test test-lowest-torch gpu-check gpu-check-rehearsal gpu-wheels bench cmake-build cuda-check cuda-objects check clean emu-test sanitize sanitize-asan sanitize-tsan
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH)" "$(TRITON)" numpy matplotlib scikit-learn tqdm pytest pytest-benchmark hypothesis ninja "setuptools>=64" wheel
+	$(PIP) install -q "$(TORCH)" "$(TRITON)" "$(NUMPY)" matplotlib scikit-learn tqdm pytest pytest-benchmark hypothesis ninja "setuptools>=64" wheel
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(SOURCES)
@@ -33,7 +34,7 @@ $(VENV)/bin/cmake: $(VENV)/.deps
 
 build/cmake/liblipkernels.so: $(VENV)/.deps $(CMAKE) CMakeLists.txt $(SOURCES)
 	@mkdir -p build
-	$(CMAKE) -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	$(CMAKE) -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" $(CMAKE_CUDA_ARGS) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	$(CMAKE) --build build/cmake -j 2 >> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 
 cmake-build: build/cmake/liblipkernels.so
@@ -57,6 +58,16 @@ NVCC_FLAGS := -std=c++17 -O3 -lineinfo $(foreach a,$(NVCC_ARCHS),-gencode arch=c
 	-Werror all-warnings -Xcompiler -Wall,-Wextra,-fPIC --expt-relaxed-constexpr \
 	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
 	-D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+
+# A CUDA torch's CMake config looks for the toolkit itself (the nvcc on PATH may be a
+# wrapper script outside it): the toolkit of NVCC.
+# A toolkit without NVRTC (nvcc alone, as here) gets the libnvrtc of torch's CUDA wheels.
+CUDA_TOOLKIT := $(if $(NVCC),$(abspath $(dir $(NVCC))..))
+CMAKE_CUDA_ARGS = $(if $(NVCC),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_TOOLKIT) -DCMAKE_CUDA_COMPILER=$(NVCC) \
+	$$(if [ ! -e $(CUDA_TOOLKIT)/lib64/libnvrtc.so ]; then $(PY) -c "import glob, os, torch; \
+	d = os.path.dirname(os.path.dirname(torch.__file__)); \
+	f = sorted(glob.glob(os.path.join(d, 'nvidia', '*', 'lib', 'libnvrtc.so.*'))); \
+	print('-DCUDA_nvrtc_LIBRARY=' + f[0] if torch.version.cuda and f else '')"; fi))
 
 cuda-check:
 	@if [ -z "$(NVCC)" ] || ! command -v "$(NVCC)" >/dev/null 2>&1; then \
@@ -112,7 +123,7 @@ EMU_LIBS := build/emu/liblipkernels.so build/emu-asan/liblipkernels.so build/emu
 $(EMU_LIBS): build/%/liblipkernels.so: $(VENV)/.deps $(CMAKE) CMakeLists.txt $(SOURCES)
 	@mkdir -p build
 	$(CMAKE) -S . -B build/$* -DLIPKERNELS_CUDA_EMULATION=ON -DLIPKERNELS_SANITIZE="$(call emu_sanitize,$*)" \
-	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build/$*.log 2>&1 || (cat build/$*.log; exit 1)
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" $(CMAKE_CUDA_ARGS) > build/$*.log 2>&1 || (cat build/$*.log; exit 1)
 	$(CMAKE) --build build/$* -j 2 >> build/$*.log 2>&1 || (cat build/$*.log; exit 1)
 
 emu_env = LIPKERNELS_LIBRARY=$(CURDIR)/build/$(1)/liblipkernels.so LIPKERNELS_TEST_BACKENDS=cuda
@@ -160,6 +171,58 @@ test: cuda-check install cmake-build emu-test
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -rs -m triton -p no:cacheprovider
 	$(VENV)/bin/lipkernels bench --quick --no-save
 	$(PY) -m pytest bench -q -rs --benchmark-disable -p no:cacheprovider
+
+# ---- The lowest torch we declare (pyproject.toml), tested too: the GPU image's versions
+# (Python 3.12, torch 2.11, Triton 3.6; README "Tested versions"). `make test` on a copy of
+# this tree (build/lowest-torch/src: its own in-place extension, build/ and virtualenv),
+# with the nvcc compile check's outputs copied in (they do not depend on torch). torch
+# 2.11's PyPI wheel has CUDA (a few GB of CUDA libraries, about a minute to fetch), so
+# this also builds the real CUDA kernels with setup.py and CMake against its headers, as
+# the GPU machine will. numpy < 2.4: Triton 3.6's interpreter converts 1-element arrays to
+# Python ints, an error since numpy 2.4 (Triton 3.9 no longer does).
+# Python 3.12: on PATH, or pyenv's (whose shim fails unless 3.12 is selected); else python3.
+LOWEST_PYTHON ?= $(shell for p in python3.12 $$(ls -d "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 2>/dev/null); do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+LOWEST_TORCH ?= torch==2.11.0
+LOWEST_TRITON ?= triton==3.6.0
+LOWEST_NUMPY ?= numpy<2.4
+LOWEST_DIR := build/lowest-torch
+test-lowest-torch: cuda-check
+	@if [ -z "$(LOWEST_PYTHON)" ]; then echo "test-lowest-torch: no Python 3.12 found (set LOWEST_PYTHON=...)" >&2; exit 1; fi
+	@echo "test-lowest-torch: $(LOWEST_TORCH), $(LOWEST_TRITON), $$($(LOWEST_PYTHON) --version) ($(LOWEST_PYTHON))"
+	@mkdir -p $(LOWEST_DIR)/src/build
+	git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C $(LOWEST_DIR)/src
+	@if [ -d build/nvcc ]; then rm -rf $(LOWEST_DIR)/src/build/nvcc && cp -a build/nvcc $(LOWEST_DIR)/src/build/; fi
+	$(if $(NVCC),CUDA_HOME="$$(dirname "$$(dirname "$(NVCC)")")") \
+	$(MAKE) --no-print-directory -C $(LOWEST_DIR)/src test PYTHON="$(LOWEST_PYTHON)" VENV="$(CURDIR)/$(LOWEST_DIR)/venv" \
+	  TORCH="$(LOWEST_TORCH)" TRITON="$(LOWEST_TRITON)" NUMPY="$(LOWEST_NUMPY)"
+
+# ---- make gpu-check: the first run of both GPU backends on a bare GPU machine, at most
+# 7 minutes (tools/gpu_check.py; README "Checking the GPU backends"), with the machine's
+# own Python and torch (GPU_PYTHON). Results: bench/results/gpu-check-<gpu>-<date>/, or
+# GPU_CHECK_OUT. Rehearsed without a GPU by make gpu-check-rehearsal.
+# make gpu-wheels: the test modules as Python 3.12 wheels in .device/wheels, for a GPU
+# machine without network (the device tool carries .device/wheels).
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?=
+GPU_WHEELS := pytest hypothesis "numpy<2.4" setuptools wheel ninja tqdm matplotlib
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py $(if $(GPU_CHECK_OUT),--out "$(GPU_CHECK_OUT)")
+
+# The rehearsal without a GPU: a virtualenv with the GPU image's torch, Triton and Python
+# only (the test modules come from .device/wheels, as there), then make gpu-check with it.
+REHEARSAL_VENV := build/gpu-rehearsal/venv
+gpu-check-rehearsal: gpu-wheels
+	@if [ -z "$(LOWEST_PYTHON)" ]; then echo "gpu-check-rehearsal: no Python 3.12 found" >&2; exit 1; fi
+	@[ -x $(REHEARSAL_VENV)/bin/python ] || { $(LOWEST_PYTHON) -m venv $(REHEARSAL_VENV) && \
+	  $(REHEARSAL_VENV)/bin/python -m pip install -q "$(LOWEST_TORCH)" "$(LOWEST_TRITON)"; }
+	$(MAKE) --no-print-directory gpu-check GPU_PYTHON=$(REHEARSAL_VENV)/bin/python
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d .device/wheels $(GPU_WHEELS)
+	@du -sh .device/wheels
 
 # The benchmark suite: prints the table, writes bench/results/<device>-<date>.json and .png.
 bench: install
