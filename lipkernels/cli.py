@@ -224,9 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="the benchmark suite: ops, training steps, bandwidth", allow_abbrev=False)
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke run: small sizes, few rounds")
+    size.add_argument("--short", action="store_true",
+                      help="two shapes, two discriminators, few rounds (make gpu-check's GPU rows)")
     size.add_argument("--full", action="store_true", help="more sizes and rounds")
     bench.add_argument("--only", help="only cases whose name or kind contains this text")
-    bench.add_argument("--output", help="folder of the results file (default bench/results)")
+    bench.add_argument("--output", help="folder of the results file (default bench/results under the "
+                            "current directory)")
     bench.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     bench.add_argument("--no-save", action="store_true", help="print the table only")
     bench.add_argument("--gpu-model", action="store_true",
@@ -261,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="runs trained at once, in worker processes (default 1; the suite's "
                             "30-minute budget assumes --jobs 2 on two idle cores)")
     train.add_argument("--out", default=os.path.join("bench", "results", "train"),
-                       help="output folder (default bench/results/train)")
+                       help="output folder (default bench/results/train under the current directory)")
     train.add_argument("--no-plot", action="store_true", help="do not write PNGs")
     train.set_defaults(fn=cmd_train)
     args = parser.parse_args(argv)

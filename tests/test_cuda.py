@@ -583,6 +583,7 @@ ALL_KERNELS = {
 
 @gpu
 @pytest.mark.tsan_subset
+@pytest.mark.sanitizer_subset
 def test_every_kernel_with_several_blocks_and_a_partial_last_block(on_device):
     """Every kernel, with grids of several blocks whose last block has a partial chunk,
     span, item or warp, against the reference: the subset that CI runs under

@@ -333,3 +333,48 @@ def test_launches_per_call_match_the_readme():
             ["_grad_dot_kernel", "_grad_kernel"]
         assert _names(lambda: ops.spectral_normalize(ws, us, vs, 1, training=False)) == \
             ["_uwv_kernel", "_sigma_kernel", "_divide_kernel"]
+
+
+#: Every Triton kernel of the backend (kernel function names; two modules have a
+#: _finish_kernel).
+ALL_TRITON_KERNELS = {"_sumsq_kernel", "_finish_kernel", "_scale_kernel", "_rows_kernel", "_columns_kernel",
+                      "_uwv_kernel", "_sigma_kernel", "_divide_kernel", "_grad_dot_kernel", "_grad_kernel"}
+
+
+@pytest.mark.sanitizer_subset
+def test_every_kernel_once():
+    """Every Triton kernel at least once, float32, against the reference: the subset that
+    `make gpu-check` runs under compute-sanitizer (memcheck, racecheck). Under the
+    interpreter the launch records show that each kernel ran."""
+    g = torch.randn(3, 2, 1100)
+    f = torch.randn(3)
+    ws, us, vs = spectral_layers([(9, 5), (40, 3, 3)], torch.float32, requires_grad=True)
+
+    def run():
+        for name, (op, ref, uses_f) in OPS.items():
+            actual = _run(op, f, g, uses_f)
+            with lipkernels.use_backend("reference"):
+                expected = _run(ref, f.double(), g.double(), uses_f)
+            for a, e in zip(actual, expected):
+                assert_close(a, e, dtype=torch.float32, what=name)
+        u0, v0 = float64_copies(us), float64_copies(vs)
+        w64 = [w.detach().double().requires_grad_(True) for w in ws]
+        out = ops.spectral_normalize(ws, us, vs, 1)
+        ref = ops.spectral_normalize_reference(w64, u0, v0, 1)
+        seeds = [torch.randn_like(o) for o in out]
+        grads = torch.autograd.grad(out, ws, seeds)
+        grads_ref = torch.autograd.grad(ref, w64, [s.double() for s in seeds])
+        for a, e in zip(list(out) + list(grads) + us + vs, list(ref) + list(grads_ref) + u0 + v0):
+            assert_close(a, e, dtype=torch.float32, what="spectral_normalize (training)")
+        evaluated = ops.spectral_normalize(ws, us, vs, 1, training=False)
+        with lipkernels.use_backend("reference"):
+            expected = ops.spectral_normalize_reference([w.detach().double() for w in ws], float64_copies(us),
+                                                        float64_copies(vs), 1, training=False)
+        for a, e in zip(evaluated, expected):
+            assert_close(a, e, dtype=torch.float32, what="spectral_normalize (evaluation)")
+
+    if ON_GPU:
+        run()
+        return
+    names = set(_names(run))
+    assert ALL_TRITON_KERNELS <= names, f"kernels that did not run: {sorted(ALL_TRITON_KERNELS - names)}"

@@ -249,7 +249,8 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
 def main(args) -> int:
     from . import report
 
-    preset = "quick" if args.quick else ("full" if args.full else "default")
+    preset = "quick" if args.quick else ("full" if args.full else ("short" if getattr(args, "short", False)
+                                                                    else "default"))
     results = run(preset, only=args.only)
     print(report.table(results))
     print(report.summary(results))

@@ -68,6 +68,11 @@ def preset(name: str, device: torch.device) -> Preset:
         return Preset("quick", ["sngan_cnn", "resnet"], [(64, 3, 32, 32)], 2, (8, 16, 16, 32),
                       budget_s=0.0, min_rounds=3, max_rounds=3, warmup=1, attempts=1,
                       remeasure_share=0.0, compile_baseline=False, copy_megabytes=64)
+    if name == "short":   # make gpu-check's GPU rows: two shapes, two discriminators, under a minute
+        return Preset("short", ["sngan_cnn", "resnet"], [(64, 3, 32, 32), (256, 3, 128, 128)],
+                      64 if gpu else 16, None, budget_s=0.1, min_rounds=9, max_rounds=100,
+                      warmup=3 if gpu else 1, attempts=2, remeasure_share=0.25, compile_baseline=False,
+                      copy_megabytes=1024 if gpu else 256)
     if name == "default":
         shapes = [(64, 3, 32, 32), (64, 128, 16, 16), (256, 3, 128, 128)]
         return Preset("default", ["sngan_cnn", "resnet", "biggan"], shapes, 64 if gpu else 16, None,
@@ -80,7 +85,7 @@ def preset(name: str, device: torch.device) -> Preset:
                       budget_s=5.0 if gpu else 3.0, min_rounds=51 if gpu else 21,
                       max_rounds=2000 if gpu else 1000, warmup=10 if gpu else 3, attempts=3,
                       remeasure_share=1.0, compile_baseline=True, copy_megabytes=2048 if gpu else 512)
-    raise ValueError(f"unknown preset {name!r}: quick, default or full")
+    raise ValueError(f"unknown preset {name!r}: quick, short, default or full")
 
 
 def compiled_backends(device: torch.device) -> List[str]:

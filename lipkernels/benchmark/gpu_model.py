@@ -75,16 +75,28 @@ def _minimum(kind: str, nbytes: int, extra: int = 0) -> int:
     return factor * nbytes + extra
 
 
-def run_cases(backend: str) -> List[dict]:
-    """Counts of every case on `backend` ('cuda': emulation build; 'triton': interpreter)."""
+#: The per-kernel counts a row keeps (``per_kernel``), in launch order: what
+#: ``lipkernels.benchmark.ncu`` puts beside Nsight Compute's counters of the same launch.
+KERNEL_FIELDS = ("dram_load_bytes", "dram_store_bytes", "dram_scratch_bytes", "load_requests", "load_sectors",
+                 "load_bytes", "store_bytes")
+
+
+def run_cases(backend: str, record=None, device: str = "cpu", shapes=PER_SAMPLE_SHAPES,
+              models=SN_MODELS) -> List[dict]:
+    """Counts of every case on `backend` ('cuda': emulation build; 'triton': interpreter).
+
+    ``record(backend)``: the context manager that counts (default ``counting.record``);
+    ``lipkernels.benchmark.ncu`` runs the same calls, in the same order, on CUDA tensors
+    under Nsight Compute with a recorder that counts nothing."""
     import lipkernels
     from lipkernels import ops
     from . import counting
 
+    record = record or counting.record
     rows = []
 
     def count(fn):
-        with counting.record(backend) as rec:
+        with record(backend) as rec:
             fn()
         return rec
 
@@ -94,12 +106,14 @@ def run_cases(backend: str) -> List[dict]:
             backend=backend, op=op, shape=shape, mode=mode, launches=len(calls),
             kernels=[c.name for c in calls], minimum=minimum,
             dynamic_smem={c.name: c.dynamic_smem for c in calls},
+            per_kernel=[dict(name=c.name, **{k: getattr(c, k) for k in KERNEL_FIELDS})
+                        for c in calls if not c.is_memset],
             **{k: sum(getattr(c, k) for c in calls) for k in (
                 "load_bytes", "store_bytes", "load_requests", "load_unique_bytes", "load_sectors",
                 "dram_load_bytes", "dram_store_bytes", "dram_scratch_bytes")}))
 
-    with lipkernels.use_backend(backend):
-        for shape in PER_SAMPLE_SHAPES:
+    with lipkernels.use_backend(backend), torch.device(device):
+        for shape in shapes:
             torch.manual_seed(0)
             g = torch.randn(shape)
             f = torch.randn(shape[0])
@@ -124,7 +138,7 @@ def run_cases(backend: str) -> List[dict]:
                 both = counting.Record(backend, fwd.calls + bwd.calls)
                 extra = out_bytes * (3 if uses_f else 1)
                 row(op, label, "fwd+bwd", both, _minimum("fwd+bwd", nbytes, extra))
-        for key in SN_MODELS:
+        for key in models:
             ws, us, vs = _sn_weights(key)
             wbytes = sum(w.numel() * w.element_size() for w in ws)
             vbytes = sum((u.numel() + v.numel()) * 4 for u, v in zip(us, vs))
@@ -316,8 +330,10 @@ def _measure_in_subprocess(backend: str, env: dict) -> List[dict]:
 
 def build_report() -> dict:
     from .. import __version__
+    from .report import _git_revision
     report = dict(kind="gpu-model", label="MODEL, not a measurement: counted on the CPU, no GPU ran",
                   date=datetime.datetime.now().isoformat(timespec="seconds"), lipkernels=__version__,
+                  git=_git_revision(),
                   torch=torch.__version__, constants=dict(bandwidth_bytes_per_s=BANDWIDTH, launch_s=LAUNCH_S,
                                                           device="H100 SXM5 (data-sheet bandwidth)"),
                   rows=[], resources={}, eager_torch={}, notes=[])
