@@ -176,7 +176,7 @@ class Check:
         return bool(self.facts.get("gpu"))
 
     def step_venv(self) -> bool:
-        step = Step("venv", 25, "the Python to test with, and the test modules")
+        step = Step("venv", 20, "the Python to test with, and the test modules")
         in_venv = self.py("import sys; print(sys.prefix != sys.base_prefix)") == "True"
         if not in_venv:
             venv = os.path.join(ROOT, "build", "gpu-check", "venv")
@@ -202,7 +202,7 @@ class Check:
         return True
 
     def step_build(self) -> bool:
-        step = Step("build", 120, "pip install --no-build-isolation -e . for this GPU, all cores")
+        step = Step("build", 150, "pip install --no-build-isolation -e . for this GPU, all cores")
         env = dict(self.env, MAX_JOBS=str(os.cpu_count() or 2))
         env["TORCH_CUDA_ARCH_LIST"] = self.facts.get("capability") or "9.0"
         if self.facts.get("nvcc") and not env.get("CUDA_HOME"):
@@ -214,23 +214,17 @@ class Check:
                            + ("" if self.gpu else " (no GPU: the architecture is the default sm_90)"))
 
     def step_info(self) -> bool:
-        step = Step("info", 20, "lipkernels info")
+        step = Step("info", 15, "lipkernels info")
         rc = self.run(step, [self.python, "-m", "lipkernels.cli", "info"])
-        ok = self.finish(step, rc, ok_why="see info.log")
         with open(os.path.join(self.out, step.log)) as f:
             text = f.read()
         status = {m.group(1): m.group(2) for m in re.finditer(r"^  (reference|cpu|cuda|triton)\s+(.*)$", text, re.M)}
         self.facts["backends"] = status
-        if ok and self.gpu:
-            bad = [b for b in ("cuda", "triton") if not status.get(b, "").startswith("available")]
-            if bad:
-                step.status, step.why = "failed", "on a GPU but unavailable: " + "; ".join(
-                    f"{b}: {status.get(b)}" for b in bad)
-                print(step.line())
-                return False
-        if ok:
-            step.why = "; ".join(f"{k}: {v[:60]}" for k, v in status.items())
-        return ok
+        bad = [b for b in ("cuda", "triton") if self.gpu and not status.get(b, "").startswith("available")]
+        if rc == 0 and bad:
+            return self.finish(step, 1, fail_why="on a GPU but unavailable: " + "; ".join(
+                f"{b}: {status.get(b)}" for b in bad))
+        return self.finish(step, rc, ok_why="; ".join(f"{k}: {v[:70]}" for k, v in status.items()))
 
     def parallel(self) -> None:
         """check, the two suites and the two sanitizers, at once."""
@@ -238,7 +232,7 @@ class Check:
         san = self.facts.get("compute-sanitizer")
         cuda_env = dict(self.env, LIPKERNELS_TEST_BACKENDS="cuda")
         triton_env = dict(self.env, LIPKERNELS_TEST_BACKENDS="triton")
-        box = 130
+        box = 120
         jobs = []
         check = Step("check", box, "lipkernels check: every op and dtype against the reference")
         jobs.append((check, [self.python, "-m", "lipkernels.cli", "check"], self.env, True))
@@ -264,9 +258,16 @@ class Check:
             else:
                 jobs.append((step, cmd + ["--collect-only"], dict(self.env, LIPKERNELS_TEST_BACKENDS="cuda"), False))
         running = [(step, self.start(step, cmd, env), real) for step, cmd, env, real in jobs]
+        # Waited in turn: a step's seconds run to when it was seen done (at most its real time
+        # plus the wait for the steps before it).
         for step, r, real in running:
             rc = self.wait(step, r)
-            if real:
+            if step.name == "check" and rc is not None:
+                with open(os.path.join(self.out, step.log)) as f:
+                    verdicts = [ln.split()[-1] for ln in f if ln.rstrip().endswith((" ok", " FAIL"))]
+                self.finish(step, rc, ok_why=f"{len(verdicts)} op x backend x dtype rows, all ok",
+                            fail_why=f"{verdicts.count('FAIL')} of {len(verdicts)} rows FAIL (see check.log)")
+            elif real:
                 self.finish(step, rc)
             elif rc == 0 and step.name != "check":
                 step.status = "skipped"
@@ -277,7 +278,7 @@ class Check:
                 self.finish(step, rc)
 
     def step_bench(self) -> None:
-        step = Step("bench", 45, "lipkernels bench --short (GPU timings)")
+        step = Step("bench", 40, "lipkernels bench --short (GPU timings)")
         out = os.path.join(self.out, "bench")
         if self.gpu:
             rc = self.run(step, [self.python, "-m", "lipkernels.cli", "bench", "--short", "--output", out])
@@ -292,7 +293,7 @@ class Check:
             self.finish(step, rc)
 
     def step_ncu(self) -> None:
-        step = Step("ncu", 75, "Nsight Compute counters of every kernel beside the GPU cost model")
+        step = Step("ncu", 70, "Nsight Compute counters of every kernel beside the GPU cost model")
         ncu = self.facts.get("ncu")
         regex = self.py("from lipkernels.benchmark import ncu; print(ncu.kernel_regex(ncu.load_model()))")
         if not regex:
