@@ -268,3 +268,13 @@ def namespace(**ops: Callable) -> types.SimpleNamespace:
     if unknown:
         raise ValueError(f"not ops of the backend table: {sorted(unknown)}")
     return types.SimpleNamespace(**ops)
+
+
+def kernels(device: torch.device):
+    """The kernel entry points of the backend that runs an op on tensors of ``device``
+    (per-sample ``norm_epilogue`` / ``norm_epilogue_backward``; the compiled backends
+    also ``sn_forward`` / ``sn_backward``): raw kernels without autograd, for callers
+    that differentiate by other means (the torch.func rules, the JVP steps)."""
+    from .ops import _func  # the kernel objects still live there (issue 16, section 3)
+    impl = implementation(device)
+    return _func.REFERENCE_KERNELS if impl is None else _func.kernels(impl)

@@ -104,6 +104,30 @@ class _TritonKernels:
         return self.tspec._split(self.tspec.sn_backward(flat, ws, uv, sigmas, eps), ws)
 
 
+class _ReferenceKernels:
+    """The reference backend's per-sample kernel entry points, written with torch ops
+    (no autograd of their own is needed: callers use them on tensors without a graph)."""
+
+    @staticmethod
+    def norm_epilogue(g, f, epilogue, param):
+        from .sample_norm import per_sample_reference
+        acc = _layout.acc_dtype(g.dtype)
+        n = torch.linalg.vector_norm(g.to(acc), dim=_dims(g))
+        out = per_sample_reference(epilogue, f, g, param)
+        return out.to(_layout.epilogue_out_dtype(epilogue, g.dtype)), n
+
+    @staticmethod
+    def norm_epilogue_backward(go, g, f, norm, epilogue, param):
+        acc = norm.dtype
+        a, c = _epilogue_partials(epilogue, f.to(acc) if f is not None else None, norm, param)
+        goa = go.to(acc)
+        grad_g = (_per_sample_view(goa * c, g) * g.to(acc)).to(g.dtype)
+        grad_f = (goa * a).to(f.dtype) if f is not None else g.new_empty(0)
+        return grad_f, grad_g
+
+
+REFERENCE_KERNELS = _ReferenceKernels()
+
 _kernels_cache: dict = {}
 
 
