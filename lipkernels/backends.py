@@ -2,14 +2,32 @@
 
 Every backend is one :class:`Backend` entry of :data:`TABLE`: its name, a probe that
 says whether it works in this process (and why not), the device types it runs on here,
-and the object holding its implementations of the ops (the same names and signatures
-for every backend, see :data:`OPS`). An op asks :func:`implementation` for the
-implementations that run on its tensors' device; adding a backend is one entry here.
+and its *kernel object*: the one object through which everything reaches that backend's
+kernels. A kernel object has
+
+* the backend's public ops, with their autograd (the same names and signatures for
+  every backend, see :data:`OPS`), which an op's plain path calls: an op asks
+  :func:`implementation` for the ones that run on its tensors' device;
+* the raw kernel entry points, without autograd, the same for every backend:
+  ``norm_epilogue(g, f, epilogue, param) -> (out, norm)``,
+  ``norm_epilogue_backward(go, g, f, norm, epilogue, param) -> (grad_f or empty(0),
+  grad_g)``, and for the compiled backends ``sn_forward(ws, us, vs, iters, eps) ->
+  (W_sn list, sigmas, uv)``, ``sn_backward(grads, ws, uv, sigmas, eps) -> list``; the
+  torch.func rules (lipkernels/ops/_func.py) and the JVP steps (lipkernels/nn) call
+  them, getting the object from :func:`kernels` (or, in the ops, :func:`implementation`:
+  the same object).
+
+The kernel objects live beside their backends (lipkernels/_cpp_kernels.py,
+lipkernels/triton, lipkernels/_epilogue.py for the reference), never in lipkernels/ops,
+which reaches every backend through this table; adding a backend is one entry here.
 
 Backends:
 
 ``reference``
-    Plain differentiable PyTorch written from ``docs/math.md``. Always available, any device.
+    Plain differentiable PyTorch written from ``docs/math.md``. Always available, any
+    device. Its ops are the formulas beside each op in lipkernels.ops
+    (:func:`implementation` is None); its kernel object has the per-sample raw kernels,
+    written with torch ops.
 ``cpu``
     The C++ kernels of the compiled extension, for CPU tensors.
 ``cuda``
@@ -31,16 +49,15 @@ the backend changes).
 from __future__ import annotations
 
 import contextlib
-import types
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import _extension
+from . import _cpp_kernels, _epilogue, _extension
 
-#: The ops every backend's implementation object provides (``clip_`` may be missing:
-#: the op then uses the reference's multi-tensor ``torch._foreach`` call).
+#: The public ops every compiled backend's kernel object provides (``clip_`` may be
+#: missing: the op then uses the reference's multi-tensor ``torch._foreach`` call).
 OPS: Tuple[str, ...] = ("sample_norm", "gn_normalize", "gran_normalize", "gradient_penalty",
                         "r1_penalty", "power_iteration", "spectral_normalize", "clip_")
 
@@ -53,8 +70,8 @@ class Backend:
     probe: Callable[[], Tuple[bool, str]]
     #: () -> device types it runs on here ("*": any).
     devices: Callable[[], Tuple[str, ...]]
-    #: device type -> the object holding its ops (None: the reference formulas).
-    implementations: Callable[[str], Optional[object]]
+    #: device type -> its kernel object (module docstring); the same object on every call.
+    kernels: Callable[[str], object]
     #: How ``lipkernels info`` describes it when available.
     describe: Callable[[], str] = lambda: "available"
 
@@ -89,10 +106,15 @@ def _cuda_devices() -> Tuple[str, ...]:
     return ("cpu",) if _extension.cuda_emulated() else ("cuda",)
 
 
-def _cuda_implementations(device_type: str):
+def _cpu_kernels(device_type: str):
+    return _cpp_kernels.kernels("lipkernels", OPS)
+
+
+def _cuda_kernels(device_type: str):
     # The emulation build registers the CUDA kernels' ops under a namespace of their own
     # for CPU tensors (the CPU kernels keep torch.ops.lipkernels on CPU tensors).
-    return torch.ops.lipkernels_cuda_emu if _extension.cuda_emulated() else torch.ops.lipkernels
+    return _cpp_kernels.kernels("lipkernels_cuda_emu" if _extension.cuda_emulated() else "lipkernels",
+                                OPS)
 
 
 def _triton_probe() -> Tuple[bool, str]:
@@ -105,18 +127,19 @@ def _triton_devices() -> Tuple[str, ...]:
     return triton_backend.devices()
 
 
-def _triton_implementations(device_type: str):
+def _triton_kernels(device_type: str):
     from . import triton as triton_backend
-    return triton_backend.implementations()
+    return triton_backend.kernels()
 
 
 TABLE: Tuple[Backend, ...] = (
-    Backend("reference", lambda: (True, ""), lambda: ("*",), lambda device_type: None),
-    Backend("cpu", _compiled, lambda: ("cpu",), lambda device_type: torch.ops.lipkernels),
-    Backend("cuda", _cuda_probe, _cuda_devices, _cuda_implementations,
+    Backend("reference", lambda: (True, ""), lambda: ("*",),
+            lambda device_type: _epilogue.REFERENCE_KERNELS),
+    Backend("cpu", _compiled, lambda: ("cpu",), _cpu_kernels),
+    Backend("cuda", _cuda_probe, _cuda_devices, _cuda_kernels,
             lambda: ("available (emulated on the CPU: the CUDA kernel sources built for the host, "
                      "for CPU tensors)") if _extension.cuda_emulated() else "available"),
-    Backend("triton", _triton_probe, _triton_devices, _triton_implementations,
+    Backend("triton", _triton_probe, _triton_devices, _triton_kernels,
             lambda: ("available (interpreted on the CPU: TRITON_INTERPRET=1)"
                      if "cpu" in _triton_devices() else "available")),
 )
@@ -136,8 +159,9 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
 _current: str = "auto"
 _status_cache: Dict[str, Tuple[bool, str]] = {}
 _devices_cache: Dict[str, Tuple[str, ...]] = {}
-#: (selected name, device type) -> (backend name, implementations or None).
-_choice_cache: Dict[Tuple[str, str], Tuple[str, Optional[object]]] = {}
+#: (selected name, device type) -> (backend name, its ops for :func:`implementation`: the
+#: kernel object, None for the reference; the kernel object).
+_choice_cache: Dict[Tuple[str, str], Tuple[str, Optional[object], object]] = {}
 
 
 def backend(name: str) -> Backend:
@@ -233,16 +257,18 @@ def _auto(device_type: str) -> str:
     return "reference"
 
 
-def _choose(name: str, device_type: str) -> Tuple[str, Optional[object]]:
+def _choose(name: str, device_type: str) -> Tuple[str, Optional[object], object]:
     if name == "auto":
         name = _auto(device_type)
     elif not runs_on(name, device_type):
         raise RuntimeError(f"lipkernels backend {name!r} runs on {'/'.join(devices(name))} tensors "
                            f"here, but the tensors are on {device_type}")
-    return name, backend(name).implementations(device_type)
+    kern = backend(name).kernels(device_type)
+    # The reference's ops are the formulas beside each op (None keeps the ops' code simple).
+    return name, (None if name == "reference" else kern), kern
 
 
-def _lookup(device: torch.device) -> Tuple[str, Optional[object]]:
+def _lookup(device: torch.device) -> Tuple[str, Optional[object], object]:
     key = (_current, device.type)
     found = _choice_cache.get(key)
     if found is None:
@@ -257,24 +283,17 @@ def select(device: torch.device) -> str:
 
 
 def implementation(device: torch.device) -> Optional[object]:
-    """The ops of the backend that runs an op on tensors of ``device`` (an object with the
-    functions of :data:`OPS`), or None when that backend is the reference."""
+    """The ops of the backend that runs an op on tensors of ``device``: its kernel object
+    (with the functions of :data:`OPS`; the object :func:`kernels` returns), or None when
+    that backend is the reference."""
     return _lookup(device)[1]
 
 
-def namespace(**ops: Callable) -> types.SimpleNamespace:
-    """An implementations object from functions (for backends written in Python)."""
-    unknown = set(ops) - set(OPS)
-    if unknown:
-        raise ValueError(f"not ops of the backend table: {sorted(unknown)}")
-    return types.SimpleNamespace(**ops)
-
-
 def kernels(device: torch.device):
-    """The kernel entry points of the backend that runs an op on tensors of ``device``
-    (per-sample ``norm_epilogue`` / ``norm_epilogue_backward``; the compiled backends
-    also ``sn_forward`` / ``sn_backward``): raw kernels without autograd, for callers
-    that differentiate by other means (the torch.func rules, the JVP steps)."""
-    from .ops import _func  # the kernel objects still live there (issue 16, section 3)
-    impl = implementation(device)
-    return _func.REFERENCE_KERNELS if impl is None else _func.kernels(impl)
+    """The kernel object of the backend that runs an op on tensors of ``device`` (the
+    reference's too): its raw kernel entry points (per-sample ``norm_epilogue`` /
+    ``norm_epilogue_backward``; the compiled backends also ``sn_forward`` /
+    ``sn_backward``), without autograd, for callers that differentiate by other means
+    (the torch.func rules, the JVP steps). For every backend but the reference, the
+    object :func:`implementation` returns."""
+    return _lookup(device)[2]

@@ -22,7 +22,6 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import lipkernels
 from lipkernels import ops
-from lipkernels.ops import _func
 
 from conftest import (COMPILED_BACKENDS, INTERPRETING, PER_SAMPLE_OPS, assert_close,
                       backend_context)
@@ -468,7 +467,7 @@ def test_compiled_backends_run_their_kernels_under_transforms(compiled_backend, 
     """Under a transform the kernel ops still run (not a silent fall-back to the
     reference): a forward under vmap is one folded kernel call, and so is the backward
     of its graph."""
-    kern = _func.kernels(lipkernels.backends.implementation(torch.empty(0).device))
+    kern = lipkernels.backends.kernels(torch.empty(0).device)
     seen = []
     for name in ("norm_epilogue", "norm_epilogue_backward", "sn_forward", "sn_backward"):
         original = getattr(type(kern), name)
@@ -495,7 +494,7 @@ def test_compiled_backends_run_their_kernels_under_transforms(compiled_backend, 
 def test_batching_rules_of_the_kernel_ops(compiled_backend):
     """The kernel ops' own batching rules (a backward run by a vmapped
     torch.autograd.grad reaches them): vmap equals the loop over slices."""
-    kern = _func.kernels(lipkernels.backends.implementation(torch.empty(0).device))
+    kern = lipkernels.backends.kernels(torch.empty(0).device)
     g = torch.randn(4, 2, 3, dtype=D)
     f = torch.randn(4, dtype=D)
     go = torch.randn(3, 4, dtype=D)

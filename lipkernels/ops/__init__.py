@@ -3,6 +3,7 @@
 Every op has a plain-PyTorch reference (``*_reference``) beside it, written from
 docs/math.md; the tests hold every backend to it.
 """
+from .. import _batching
 from . import _fake, _func
 from .clip import clip_, clip_reference
 from .sample_norm import (gn_normalize, gn_normalize_reference, gradient_penalty,
@@ -13,7 +14,7 @@ from .spectral_norm import (power_iteration, power_iteration_reference, spectral
 
 _fake.register()
 for _ns in _fake.namespaces():
-    _func.register(_ns)  # batching rules of the kernel ops (torch.func.vmap)
+    _batching.register(_ns)  # batching rules of the kernel ops (torch.func.vmap)
 
 __all__ = [
     "power_iteration", "spectral_normalize", "sample_norm", "gn_normalize", "gran_normalize",

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._layout import acc_dtype as _acc
-from ._layout import empty_like_sample_blocks as _like_sample_blocks
-from ._layout import epilogue_out_dtype
+from .._layout import acc_dtype as _acc
+from .._layout import empty_like_sample_blocks as _like_sample_blocks
+from .._layout import epilogue_out_dtype
 
 
 def _per_sample(g: torch.Tensor) -> torch.Tensor:

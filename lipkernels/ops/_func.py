@@ -7,9 +7,11 @@ whose autograd is written in C++ (csrc/ops.cpp) or registered with ``torch.libra
 autograd Functions, and a custom op has no batching rule for its backward), nor under
 forward-mode AD (no jvp). While a transform or forward AD is active (:func:`active`),
 the ops of the compiled backends go through the
-``torch.autograd.Function`` classes below instead, which call the same kernel ops
-(``_norm_epilogue``, ``_norm_epilogue_backward``, ``_sn_forward``, ``_sn_backward``,
-no autograd of their own) and define what functorch needs:
+``torch.autograd.Function`` classes below instead, which call the raw kernels of the
+same backend's kernel object (:func:`lipkernels.backends.kernels`, the object whose
+public ops the plain path calls: ``norm_epilogue``, ``norm_epilogue_backward``,
+``sn_forward``, ``sn_backward``, no autograd of their own; this module knows no backend)
+and define what functorch needs:
 
 * ``setup_context`` (so ``grad``/``vjp``/``jacrev`` lower them), a ``jvp`` (forward mode:
   ``jvp``/``jacfwd``) written with torch ops, and a ``backward`` that runs the fused
@@ -27,9 +29,10 @@ The in-place update of ``u``/``v`` happens inside an autograd.Function too
 under ``grad``/``jacrev``/``jacfwd`` as torch's does (on every backend, the reference
 included).
 
-The kernel ops themselves get batching rules too (:func:`register`,
-:func:`register_triton`, end of this file), for the usual autograd's backward run under
-vmap. The legacy vmap of ``is_grads_batched=True`` and gradcheck's batched check cannot
+The kernel ops themselves get batching rules too (lipkernels/_batching.py, whose
+helpers the rules here share: registered by lipkernels/ops/__init__.py for the compiled
+namespaces and by the Triton kernel modules for theirs), for the usual autograd's
+backward run under vmap. The legacy vmap of ``is_grads_batched=True`` and gradcheck's batched check cannot
 use them and has no fallback for a ``Tensor[]`` op: there the spectral-norm backwards
 (here, csrc/ops.cpp, lipkernels/triton/spectral_norm.py) use the torch-op formula.
 """
@@ -41,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _layout
+from .. import _layout
+from .._batching import _fold, _front, _unfold
+from .._epilogue import _dims, _epilogue_partials, _per_sample_view
 
 
 def active() -> bool:
@@ -60,148 +65,7 @@ def transforming() -> bool:
             and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
-# ----------------------------------------------------------------- kernel ops per backend
-
-class _CppKernels:
-    """The compiled extension's kernel ops in one operator namespace."""
-
-    def __init__(self, ns) -> None:
-        self.ns = ns
-
-    def norm_epilogue(self, g, f, epilogue, param):
-        return self.ns._norm_epilogue(g, f, epilogue, param)
-
-    def norm_epilogue_backward(self, go, g, f, norm, epilogue, param):
-        return self.ns._norm_epilogue_backward(go, g, f, norm, epilogue, param)
-
-    def sn_forward(self, ws, us, vs, iters, eps):
-        w_sn, sigmas, uv = self.ns._sn_forward(ws, us, vs, iters, eps)
-        return list(w_sn), sigmas, uv
-
-    def sn_backward(self, grads, ws, uv, sigmas, eps):
-        return list(self.ns._sn_backward(grads, ws, uv, sigmas, eps))
-
-
-class _TritonKernels:
-    """The Triton backend's kernel ops (torch.library custom ops, lipkernels_triton::)."""
-
-    def __init__(self) -> None:
-        from ..triton import sample_norm, spectral_norm
-        self.tsn, self.tspec = sample_norm, spectral_norm
-
-    def norm_epilogue(self, g, f, epilogue, param):
-        return self.tsn.norm_epilogue(g, f, epilogue, param)
-
-    def norm_epilogue_backward(self, go, g, f, norm, epilogue, param):
-        return self.tsn.norm_epilogue_backward(go, g, f, norm, epilogue, param)
-
-    def sn_forward(self, ws, us, vs, iters, eps):
-        flat, sigmas, uv = self.tspec.sn_forward(ws, us, vs, iters, eps)
-        return self.tspec._split(flat, ws), sigmas, uv
-
-    def sn_backward(self, grads, ws, uv, sigmas, eps):
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        return self.tspec._split(self.tspec.sn_backward(flat, ws, uv, sigmas, eps), ws)
-
-
-class _ReferenceKernels:
-    """The reference backend's per-sample kernel entry points, written with torch ops
-    (no autograd of their own is needed: callers use them on tensors without a graph)."""
-
-    @staticmethod
-    def norm_epilogue(g, f, epilogue, param):
-        from .sample_norm import per_sample_reference
-        acc = _layout.acc_dtype(g.dtype)
-        n = torch.linalg.vector_norm(g.to(acc), dim=_dims(g))
-        out = per_sample_reference(epilogue, f, g, param)
-        return out.to(_layout.epilogue_out_dtype(epilogue, g.dtype)), n
-
-    @staticmethod
-    def norm_epilogue_backward(go, g, f, norm, epilogue, param):
-        acc = norm.dtype
-        a, c = _epilogue_partials(epilogue, f.to(acc) if f is not None else None, norm, param)
-        goa = go.to(acc)
-        grad_g = (_per_sample_view(goa * c, g) * g.to(acc)).to(g.dtype)
-        grad_f = (goa * a).to(f.dtype) if f is not None else g.new_empty(0)
-        return grad_f, grad_g
-
-
-REFERENCE_KERNELS = _ReferenceKernels()
-
-_kernels_cache: dict = {}
-
-
-def kernels(impl):
-    """The kernel ops behind a backend's implementations object (lipkernels.backends)."""
-    found = _kernels_cache.get(id(impl))
-    if found is None or found[0] is not impl:
-        k = _CppKernels(impl) if hasattr(impl, "_norm_epilogue") else _TritonKernels()
-        found = _kernels_cache[id(impl)] = (impl, k)
-    return found[1]
-
-
-# ----------------------------------------------------------------- vmap helpers
-
-def _front(t: Optional[torch.Tensor], d: Optional[int], size: int) -> Optional[torch.Tensor]:
-    """t with its vmapped dim first (an unbatched t expanded to ``size`` there)."""
-    if t is None:
-        return None
-    if d is None:
-        return t.expand((size,) + tuple(t.shape))
-    return t.movedim(d, 0)
-
-
-def _fold(t: Optional[torch.Tensor], d: Optional[int], size: int) -> Optional[torch.Tensor]:
-    """(V, B, ...) -> (V * B, ...) (explicit sizes: B may be 0)."""
-    t = _front(t, d, size)
-    return None if t is None else t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
-
-
-def _unfold(t: torch.Tensor, size: int, batch: int) -> torch.Tensor:
-    """(V * B, ...) -> (V, B, ...); a kernel's empty placeholder output (dL/df without
-    f: 0 elements whatever B is) -> (V, 0)."""
-    rows = batch if t.shape[0] == size * batch else 0
-    return t.reshape((size, rows) + tuple(t.shape[1:]))
-
-
 # ----------------------------------------------------------------- per-sample ops
-
-def _dims(g: torch.Tensor) -> Tuple[int, ...]:
-    return tuple(range(1, g.dim()))
-
-
-def _per_sample_view(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return c.reshape((-1,) + (1,) * (g.dim() - 1))
-
-
-def _epilogue_partials(epilogue: str, f, n, param):
-    """(dE/df or None, (dE/dn) / n) of the epilogue E(f, n), per sample, with the
-    guards and special values of csrc/epilogue.h (dn/dg = g / n is 0 where n = 0, a NaN n
-    stays NaN; GN's 0/0 is 0, the only redefined case; where an input is not finite, the
-    plain formula's chain rule, docs/math.md section 10)."""
-    nz = n != 0
-    inv_n = nz.to(n.dtype) / torch.where(nz, n, torch.ones_like(n))
-    if epilogue == "norm":
-        return None, inv_n
-    if epilogue == "gn":
-        d = n + f.abs()
-        dzero = d == 0
-        d_safe = torch.where(dzero, torch.ones_like(d), d)
-        dn = torch.where(dzero, torch.zeros_like(d), -((f / d_safe) / d_safe))
-        df = torch.where(d.isfinite(), (n / d_safe) / d_safe, 1 / d_safe + dn * f.sgn())
-        return torch.where(dzero, torch.zeros_like(d), df), dn * inv_n
-    if epilogue == "gran":
-        q = n * n + param
-        r = n / q
-        dn = torch.where(q.isfinite() & f.isfinite(), f * ((param - n * n) / q / q),
-                         f / q - 2 * (f * (r / q)) * n)
-        return r, dn * inv_n
-    if epilogue == "gp":
-        return None, 2 * (n - param) * inv_n
-    if epilogue == "r1":
-        return None, torch.full_like(n, 2.0)
-    raise ValueError(f"unknown epilogue {epilogue!r}")
-
 
 class _Epilogue(torch.autograd.Function):
     """(out, norm) = the epilogue of n = ||g_i|| per sample; norm is not differentiable."""
@@ -264,11 +128,12 @@ class _Epilogue(torch.autograd.Function):
         return (_unfold(out, size, batch), _unfold(norm, size, batch)), (0, 0)
 
 
-def per_sample(impl, epilogue: str, f: Optional[torch.Tensor], g: torch.Tensor,
+def per_sample(kern, epilogue: str, f: Optional[torch.Tensor], g: torch.Tensor,
                param: float) -> torch.Tensor:
-    """The per-sample output of ``epilogue`` (before a penalty's batch mean) by the kernels
-    of backend ``impl``, usable under the function transforms."""
-    return _Epilogue.apply(kernels(impl), g, f, epilogue, float(param))[0]
+    """The per-sample output of ``epilogue`` (before a penalty's batch mean) by the raw
+    kernels of the kernel object ``kern`` (lipkernels.backends.kernels), usable under the
+    function transforms."""
+    return _Epilogue.apply(kern, g, f, epilogue, float(param))[0]
 
 
 # ----------------------------------------------------------------- spectral normalization
@@ -437,22 +302,24 @@ def store_vectors(us, vs, uv) -> None:
     _StoreVectors.apply(len(us), uv, *us, *vs)
 
 
-def spectral_normalize(impl, weights, us, vs, n_power_iterations: int, eps: float,
+def spectral_normalize(kern, weights, us, vs, n_power_iterations: int, eps: float,
                        training: bool) -> List[torch.Tensor]:
-    """spectral_normalize by the kernels of backend ``impl`` under the transforms."""
+    """spectral_normalize by the raw kernels of the kernel object ``kern`` under the
+    transforms."""
     n = len(weights)
     iters = n_power_iterations if training else 0
-    out = _SNForward.apply(kernels(impl), n, iters, float(eps), *weights, *us, *vs)
+    out = _SNForward.apply(kern, n, iters, float(eps), *weights, *us, *vs)
     if iters > 0:
         store_vectors(us, vs, out[-1])
     return list(out[:n])
 
 
-def power_iteration(impl, weights, us, vs, n_power_iterations: int, eps: float) -> torch.Tensor:
-    """power_iteration by the kernels of backend ``impl`` under the transforms."""
+def power_iteration(kern, weights, us, vs, n_power_iterations: int, eps: float) -> torch.Tensor:
+    """power_iteration by the raw kernels of the kernel object ``kern`` under the
+    transforms."""
     n = len(weights)
     with torch.no_grad():
-        out = _SNForward.apply(kernels(impl), n, n_power_iterations, float(eps),
+        out = _SNForward.apply(kern, n, n_power_iterations, float(eps),
                                *[w.detach() for w in weights], *us, *vs)
         if n_power_iterations > 0:
             store_vectors(us, vs, out[-1])
@@ -498,91 +365,3 @@ def power_iteration_reference(weights, us, vs, n_power_iterations: int, eps: flo
         sigmas = [s if w.is_complex() else s.to(_layout.acc_dtype(w.dtype))
                   for s, w in zip(sigmas, weights)]
     return torch.stack(sigmas)
-
-
-# ----------------------------------------------------------------- batching rules of the kernel ops
-#
-# The compiled backends' autograd (C++, torch.library) calls these kernel ops in its
-# backward; when that backward runs under vmap (``is_grads_batched=True``, gradcheck's
-# batched-gradient check, jacrev of a function computed outside the transform) they get
-# batched gradients. Their rules fold the vmapped dim into the batch (per-sample ops)
-# or into more layers (spectral norm), and run the kernel once.
-
-def _dims_of(d, n):
-    """in_dims of a list argument: one per element (torch gives a list; an int/None
-    applies to all)."""
-    return list(d) if isinstance(d, (list, tuple)) else [d] * n
-
-
-def _rule_per_sample(op, n_tensors: int, n_out: int):
-    """A per-sample kernel op: its first ``n_tensors`` arguments are (B, ...) tensors (or
-    None), its ``n_out`` outputs (B, ...) (an output of 0 elements stays empty)."""
-    def rule(info, in_dims, *args):
-        size = info.batch_size
-        folded = [_fold(t, d, size) for t, d in zip(args[:n_tensors], in_dims[:n_tensors])]
-        batch = next(t.shape[0] for t in folded if t is not None) // size if size else 0
-        out = op(*folded, *args[n_tensors:])
-        if n_out == 1:
-            return _unfold(out, size, batch), 0
-        return tuple(_unfold(o, size, batch) for o in out), (0,) * n_out
-    return rule
-
-
-def _slices(t, d, size):
-    return list(_front(t, d, size)) if d is not None else [t] * size
-
-
-def _rule_sn_backward_lists(op):
-    """``_sn_backward(grads[], weights[], uv, sigmas, eps) -> Tensor[]``: V * L layers."""
-    def rule(info, in_dims, grads, weights, uv, sigmas, eps):
-        size, n = info.batch_size, len(weights)
-        g_d, w_d = _dims_of(in_dims[0], n), _dims_of(in_dims[1], n)
-        gs = [_slices(g, d, size) for g, d in zip(grads, g_d)]
-        ws = [_slices(w, d, size) for w, d in zip(weights, w_d)]
-        out = op([gs[l][i] for i in range(size) for l in range(n)],
-                 [ws[l][i] for i in range(size) for l in range(n)],
-                 torch.cat(_slices(uv, in_dims[2], size)),
-                 torch.cat(_slices(sigmas, in_dims[3], size)), eps)
-        return [torch.stack(list(out[l::n])) for l in range(n)], [0] * n
-    return rule
-
-
-def _rule_sn_backward_flat(op):
-    """Triton's ``sn_backward(grad_flat, weights[], uv, sigmas, eps) -> flat``."""
-    def rule(info, in_dims, grad, weights, uv, sigmas, eps):
-        size, n = info.batch_size, len(weights)
-        w_d = _dims_of(in_dims[1], n)
-        ws = [_slices(w, d, size) for w, d in zip(weights, w_d)]
-        out = op(torch.cat(_slices(grad, in_dims[0], size)),
-                 [ws[l][i] for i in range(size) for l in range(n)],
-                 torch.cat(_slices(uv, in_dims[2], size)),
-                 torch.cat(_slices(sigmas, in_dims[3], size)), eps)
-        return out.reshape(size, -1), 0
-    return rule
-
-
-def register(ns: str) -> None:
-    """The batching rules of the compiled operator namespace ``ns`` (lipkernels,
-    lipkernels_cuda_emu)."""
-    ops = getattr(torch.ops, ns)
-    rules = {
-        "_norm_epilogue": _rule_per_sample(ops._norm_epilogue, 2, 2),
-        "_norm_epilogue_backward": _rule_per_sample(ops._norm_epilogue_backward, 4, 2),
-        "sample_scale": _rule_per_sample(ops.sample_scale, 2, 1),
-        "sample_dot": _rule_per_sample(ops.sample_dot, 2, 1),
-        "_sn_backward": _rule_sn_backward_lists(ops._sn_backward),
-    }
-    for name, rule in rules.items():
-        torch.library.register_vmap(f"{ns}::{name}", rule)
-
-
-def register_triton(sample_norm=None, spectral_norm=None) -> None:
-    """The batching rules of the Triton backend's custom ops (lipkernels_triton::)."""
-    if sample_norm is not None:
-        sample_norm.norm_epilogue.register_vmap(_rule_per_sample(sample_norm.norm_epilogue, 2, 2))
-        sample_norm.norm_epilogue_backward.register_vmap(
-            _rule_per_sample(sample_norm.norm_epilogue_backward, 4, 2))
-        sample_norm.sample_scale.register_vmap(_rule_per_sample(sample_norm.sample_scale, 2, 1))
-        sample_norm.sample_dot.register_vmap(_rule_per_sample(sample_norm.sample_dot, 2, 1))
-    if spectral_norm is not None:
-        spectral_norm.sn_backward.register_vmap(_rule_sn_backward_flat(spectral_norm.sn_backward))

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ._layout import acc_dtype
+from .._layout import acc_dtype
 
 
 def tensor(op: str, name: str, t, complex_ok: bool = False) -> torch.Tensor:

@@ -44,62 +44,15 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from . import _amp, _func, _layout, _validate
+from .._epilogue import (gn_normalize_reference, gran_normalize_reference,  # noqa: F401
+                         per_sample_reference, sample_norm_reference)
+from . import _amp, _func, _validate
 
 # ----------------------------------------------------------------- references
-
-
-def _acc_norm(g: torch.Tensor) -> torch.Tensor:
-    """n in the accumulation dtype (float32 for half-precision g, as the kernels), so a
-    norm beyond float16's range does not become Inf before the epilogue (nor in the
-    backward, whose g / n stays finite)."""
-    return torch.linalg.vector_norm(g.to(_layout.acc_dtype(g.dtype)), dim=tuple(range(1, g.dim())))
-
-
-def sample_norm_reference(g: torch.Tensor) -> torch.Tensor:
-    """``n_i = ||g_i||_2`` over all non-batch dims, plain PyTorch; computed in the
-    accumulation dtype, returned in g's."""
-    return _acc_norm(g).to(g.dtype)
-
-
-def gn_normalize_reference(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``f / (n + |f|)``, 0 where ``n + |f| = 0`` exactly (NaN stays NaN). ``f``: (B,) or
-    (B, 1). Computed in the accumulation dtype, returned in f's."""
-    n = _acc_norm(g)
-    fb = f.reshape(-1).to(n.dtype)
-    d = n + fb.abs()
-    zero = d == 0
-    out = torch.where(zero, torch.zeros_like(fb), fb / torch.where(zero, torch.ones_like(d), d))
-    return out.to(f.dtype).reshape(f.shape)
-
-
-def gran_normalize_reference(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    """``f * (n / (n^2 + eps))``, in the accumulation dtype, returned in f's."""
-    n = _acc_norm(g)
-    return (f.reshape(-1).to(n.dtype) * (n / (n * n + eps))).to(f.dtype).reshape(f.shape)
-
-
-def _loss_dtype(g: torch.Tensor) -> torch.dtype:
-    return torch.float64 if g.dtype == torch.float64 else torch.float32
-
-
-def per_sample_reference(epilogue: str, f, g: torch.Tensor, param: float) -> torch.Tensor:
-    """The per-sample output of an epilogue ('norm', 'gn', 'gran', 'gp', 'r1') before any
-    batch mean (f: (B,) or None); the penalties' squared norms in float32/float64."""
-    if epilogue == "norm":
-        return sample_norm_reference(g)
-    if epilogue == "gn":
-        return gn_normalize_reference(f, g)
-    if epilogue == "gran":
-        return gran_normalize_reference(f, g, param)
-    if epilogue == "gp":
-        return (_acc_norm(g) - param) ** 2
-    if epilogue == "r1":
-        # x * x, not x.square(): its backward, go * x + go * x, does not overflow where
-        # the result does not (square's computes 2 * x first).
-        x = g.to(_loss_dtype(g))
-        return (x * x).sum(dim=tuple(range(1, g.dim())))
-    raise ValueError(f"unknown epilogue {epilogue!r}")
+#
+# The per-sample formulas live in lipkernels/_epilogue.py, below the ops and the backends
+# (the Triton backend's create_graph backward and the reference's kernel object use them
+# too); they are this module's references under the same names.
 
 
 def gradient_penalty_reference(g: torch.Tensor, center: float = 1.0) -> torch.Tensor:
@@ -115,8 +68,10 @@ def r1_penalty_reference(g: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------- dispatch
 
 def _implementation(g: torch.Tensor):
-    """The selected backend's ops (same names and signatures), or None for the reference;
-    under a torch.func transform, a compiled backend's ops as :mod:`._func` runs them."""
+    """The selected backend's ops (same names and signatures: its kernel object,
+    lipkernels.backends), or None for the reference; under a torch.func transform, a
+    compiled backend's ops as :mod:`._func` runs them, with the same kernel object's raw
+    kernels."""
     impl = backends.implementation(g.device)
     return impl if impl is None or not _func.active() else _FuncOps(impl)
 
@@ -156,25 +111,26 @@ def _plain_center(x) -> bool:
 
 class _FuncOps:
     """A compiled backend's per-sample ops through the autograd.Function of :mod:`._func`
-    (usable under vmap, grad, jacrev, jacfwd; the same kernels)."""
+    (usable under vmap, grad, jacrev, jacfwd), which calls the raw kernels of the
+    backend's kernel object ``kern``."""
 
-    def __init__(self, impl) -> None:
-        self.impl = impl
+    def __init__(self, kern) -> None:
+        self.kern = kern
 
     def sample_norm(self, g):
-        return _func.per_sample(self.impl, "norm", None, g, 0.0)
+        return _func.per_sample(self.kern, "norm", None, g, 0.0)
 
     def gn_normalize(self, f, g):
-        return _func.per_sample(self.impl, "gn", f, g, 0.0)
+        return _func.per_sample(self.kern, "gn", f, g, 0.0)
 
     def gran_normalize(self, f, g, eps):
-        return _func.per_sample(self.impl, "gran", f, g, eps)
+        return _func.per_sample(self.kern, "gran", f, g, eps)
 
     def gradient_penalty(self, g, center):
-        return _func.per_sample(self.impl, "gp", None, g, center).mean()
+        return _func.per_sample(self.kern, "gp", None, g, center).mean()
 
     def r1_penalty(self, g):
-        return _func.per_sample(self.impl, "r1", None, g, 0.0).mean()
+        return _func.per_sample(self.kern, "r1", None, g, 0.0).mean()
 
 
 @_amp.autocast_off

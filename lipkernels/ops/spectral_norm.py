@@ -34,8 +34,8 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import backends
-from . import _amp, _func, _layout, _validate
+from .. import _layout, backends
+from . import _amp, _func, _validate
 
 
 # ----------------------------------------------------------------- references
@@ -79,7 +79,9 @@ def spectral_normalize_reference(weights: Sequence[torch.Tensor], us: Sequence[t
 # ----------------------------------------------------------------- dispatch
 
 def _implementation(op: str, weights):
-    """The selected backend's ops for the weights' device, or None for the reference.
+    """The selected backend's ops for the weights' device (its kernel object,
+    lipkernels.backends; under a transform :mod:`._func` calls its raw kernels), or None
+    for the reference.
     Complex weights: the reference under ``auto``; an explicitly selected compiled
     backend, which has no complex kernels, raises."""
     device = weights[0].device

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _layout
+from .. import _batching, _layout
+from .._epilogue import per_sample_reference
 
 EPILOGUES = {"norm": 0, "gn": 1, "gran": 2, "gp": 3, "r1": 4}
 CHUNK = 8192   # elements of one sample per program
@@ -302,7 +303,6 @@ def _backward_epilogue(ctx, grad_out, _grad_norm):
     g, f, norm = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph: differentiate the reference formula, so that every order exists.
-        from ..ops.sample_norm import per_sample_reference
         wanted = [t for t in (g, f) if t is not None and t.requires_grad]
         with torch.enable_grad():
             out = per_sample_reference(ctx.epilogue, f, g, ctx.param)
@@ -362,11 +362,10 @@ def r1_penalty(g: torch.Tensor) -> torch.Tensor:
     return norm_epilogue(g, None, "r1", 0.0)[0].mean()
 
 
-# Batching rules (torch.func.vmap, is_grads_batched): lipkernels/ops/_func.py.
+# Batching rules (torch.func.vmap, is_grads_batched): lipkernels/_batching.py.
 def _register_vmap() -> None:
     import sys
-    from ..ops import _func
-    _func.register_triton(sample_norm=sys.modules[__name__])
+    _batching.register_triton(sample_norm=sys.modules[__name__])
 
 
 _register_vmap()

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _layout
+from .. import _batching, _layout
 
 ROWS = 32          # rows per work item (t of an item lives in registers)
 BLOCK_K = 128      # columns per step inside an item
@@ -461,11 +461,10 @@ def spectral_normalize(weights, us, vs, n_power_iterations: int, eps: float,
     return _split(flat, weights)
 
 
-# Batching rules (torch.func.vmap, is_grads_batched): lipkernels/ops/_func.py.
+# Batching rules (torch.func.vmap, is_grads_batched): lipkernels/_batching.py.
 def _register_vmap() -> None:
     import sys
-    from ..ops import _func
-    _func.register_triton(spectral_norm=sys.modules[__name__])
+    _batching.register_triton(spectral_norm=sys.modules[__name__])
 
 
 _register_vmap()
