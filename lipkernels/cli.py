@@ -266,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--out", default=os.path.join("bench", "results", "train"),
                        help="output folder (default bench/results/train under the current directory)")
     train.add_argument("--no-plot", action="store_true", help="do not write PNGs")
+    train.add_argument("--grad-method", choices=["auto", "double_backward", "jvp"], default="auto",
+                       help="how GP, GN and GraN differentiate the input gradient: a double "
+                            "backward, or the reverse-over-forward JVP (auto: JVP when compiled)")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile(fullgraph=True) the D and G losses of every step")
     train.set_defaults(fn=cmd_train)
     args = parser.parse_args(argv)
     torch.manual_seed(0)

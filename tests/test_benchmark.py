@@ -200,7 +200,7 @@ def test_quick_preset_runs_every_kind_of_case(tmp_path):
     assert meta["all_stable"] == (meta["unstable_cases"] == [])
     # every kind of case is defined by the quick preset
     kinds = {c.kind for c in cases.all_cases(cases.preset("quick", CPU), CPU)}
-    assert kinds == {"spectral norm", "per-sample", "train step"}
+    assert kinds == {"spectral norm", "per-sample", "train step", "JVP step"}
 
     path = report.save(results, str(tmp_path), plot=True)
     with open(path) as f:
@@ -454,3 +454,36 @@ def test_results_go_under_the_current_directory(tmp_path, monkeypatch):
                for p in written), written
     assert any(p.startswith(os.path.join("bench", "results", "train", "train-")) for p in written), written
     assert files() == before, sorted(files() - before)
+
+
+def test_peak_memory_of_a_call_against_its_allocations():
+    """benchmark/memory.py on the CPU: two live 4 MiB tensors at the peak, the first freed
+    before the third is made; a compiled function's allocations are counted too."""
+    from lipkernels.benchmark import memory
+
+    def three():
+        a = torch.ones(1024, 1024)
+        b = a * 2
+        del a
+        c = b + 1
+        return float(c[0, 0])
+    # (plus a few bytes: the scalar operands torch wraps as tensors)
+    assert 8 * 2 ** 20 <= memory.peak_bytes(three, CPU) <= 8 * 2 ** 20 + 1024
+    compiled = torch.compile(lambda x: (x.sin() + 1, x.cos() * 2))
+    x = torch.ones(256, 1024)
+    compiled(x)
+    assert memory.peak_bytes(lambda: compiled(x), CPU) >= 2 * 2 ** 20
+
+
+def test_jvp_step_cases_compare_the_methods_with_their_memory():
+    quick = [c for c in cases.all_cases(cases.preset("quick", CPU), CPU) if c.kind == "JVP step"]
+    assert quick and all(c.memory for c in quick)
+    impls = set(quick[0].impls)
+    assert quick[0].baseline == "plain PyTorch, double backward"
+    assert {"cpu, double backward", "cpu, JVP", "cpu, JVP compiled"} <= impls
+    full = [c.name for c in cases.all_cases(cases.preset("default", CPU), CPU) if c.kind == "JVP step"]
+    assert len(full) == 6 and all("batch 64" in c.shape
+                                  for c in cases.all_cases(cases.preset("default", CPU), CPU)
+                                  if c.kind == "JVP step")
+    rows = [{"impl": "a", "peak_mib": 1.5}, {"impl": "b", "peak_mib": 3.0}, {"impl": "c"}]
+    assert report._peak_text(rows) == "peak memory: a 1.5 MiB; b 3.0 MiB"

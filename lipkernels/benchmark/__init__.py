@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import cases as cases_mod
-from . import noise, timing
+from . import memory, noise, timing
 
 #: Level of the speedups' confidence intervals.
 LEVEL = 0.95
@@ -50,7 +50,7 @@ def _measure(case: cases_mod.Case, fns: Dict[str, Callable], dev: torch.device,
     status("interleaved")
     inter = timing.interleaved(fns, dev, p.max_rounds, p.warmup, p.budget_s, p.min_rounds)
     alone: Dict[str, noise.Samples] = {}
-    if case.kind != "train step":
+    if case.kind not in ("train step", "JVP step"):
         # Each implementation alone too: its data stays in cache between calls (the
         # regime of a loop over one op), where interleaving evicts it.
         for name, fn in fns.items():
@@ -220,6 +220,11 @@ def run(preset: str = "default", only: Optional[str] = None, device: Optional[st
         status("counting launches")
         launches = {name: timing.count_launches(fn, dev) for name, fn in fns.items()}
         new = _rows(case, fns, inter, alone, verdict, attempt, launches, copy_bw)
+        if case.memory:
+            status("peak memory")
+            for r in new:
+                peak = memory.peak_bytes(fns[r["impl"]], dev)
+                r["peak_mib"] = None if peak is None else peak / 2 ** 20
         for r in new:
             r["case_seconds"] = time.perf_counter() - case_started
         rows += new

@@ -9,7 +9,12 @@ compared against it, built for one device and preset.
   backward; baseline the lipkernels reference, plus the formulas as the GN-GAN and
   WGAN-GP code writes them;
 * training steps end to end (one discriminator and one generator step) for SNGAN,
-  WGAN-GP, GN-GAN and GraN-GAN on the SNGAN CNN architecture.
+  WGAN-GP, GN-GAN and GraN-GAN on the SNGAN CNN architecture;
+* JVP steps: the WGAN-GP D step and the GN-GAN D and G steps (loss and its gradients)
+  on the SNGAN CNN and ResNet discriminators with spectral norm, by a double backward
+  (plain PyTorch, the baseline; lipkernels) and by the reverse-over-forward JVP
+  (lipkernels eager, and under ``torch.compile``; on CUDA also its CUDA-graph replay),
+  with the peak memory of each.
 
 ``bytes`` is the traffic docs/math.md's cost model says a call must move (0 where it does
 not apply); achieved bandwidth is bytes / median time.
@@ -32,7 +37,7 @@ Factory = Callable[[], Callable[[], object]]
 
 @dataclasses.dataclass
 class Case:
-    kind: str                 # "spectral norm" | "per-sample" | "train step"
+    kind: str                 # "spectral norm" | "per-sample" | "train step" | "JVP step"
     name: str
     shape: str
     baseline: str
@@ -41,6 +46,8 @@ class Case:
     # backend -> its calibration rows (floor, kernel ops, empty kernel ops): the per-call
     # overhead of the backend's row, op / (floor + kernels), is computed from them
     calibrates: Dict[str, tuple] = dataclasses.field(default_factory=dict)
+    # measure each implementation's peak memory (benchmark/memory.py) too
+    memory: bool = False
 
 
 @dataclasses.dataclass
@@ -390,5 +397,115 @@ def train_step_cases(p: Preset, device: torch.device) -> List[Case]:
     return cases
 
 
+# ------------------------------------------------------------------ JVP steps
+
+_JVP_DS = {
+    "SNGAN CNN D": lambda norm, p: models.sngan_cnn_discriminator(
+        norm=norm, **({} if p.gan_channels is None else {"channels": p.gan_channels})),
+    "ResNet CIFAR-10 D": lambda norm, p: models.sngan_resnet_discriminator(
+        norm=norm, **({} if p.gan_channels is None else {"width": p.gan_channels[0]})),
+}
+
+
+def _plain_gp(D, real, fake, alpha):
+    """WGAN-GP's penalty as its official code writes it (double backward)."""
+    a = alpha.view(-1, 1, 1, 1)
+    x = (a * real + (1 - a) * fake).requires_grad_(True)
+    (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+    return 10.0 * ((g.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def _plain_gn(D, x):
+    """GN-GAN's f / (||grad f|| + |f|) as its official code writes it."""
+    if not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    f = D(x).flatten()
+    (g,) = torch.autograd.grad(f.sum(), x, create_graph=True)
+    n = g.flatten(1).norm(2, dim=1)
+    return f / (n + f.abs())
+
+
+def _jvp_losses(step: str, D, method: Optional[str]):
+    """The loss of the step as a function of (real, fake, alpha, x): ``method`` None is
+    plain PyTorch (D with torch's spectral_norm), else lipkernels' with that method."""
+    if step == "GP D step":
+        if method is None:
+            return lambda real, fake, alpha, x: (D(fake).mean() - D(real).mean()
+                                                 + _plain_gp(D, real, fake, alpha))
+        return lambda real, fake, alpha, x: (
+            losses.wasserstein.d(D(real), D(fake))
+            + gradient_penalty(D, real, fake, 10.0, alpha=alpha, method=method))
+    if method is None:
+        def gn(x):
+            return _plain_gn(D, x)
+    else:
+        gnd = GradNorm(D, method=method)
+
+        def gn(x):
+            return gnd(x).flatten()
+    if step == "GN D step":
+        def d_step(real, fake, alpha, x):
+            out = gn(torch.cat([real, fake]))
+            half = real.shape[0]
+            return losses.nonsaturating.d(out[:half], out[half:])
+        return d_step
+    return lambda real, fake, alpha, x: losses.nonsaturating.g(gn(x))
+
+
+def jvp_step_cases(p: Preset, device: torch.device) -> List[Case]:
+    """The D and G steps that differentiate an input gradient, by each method (module
+    docstring). The G step's input is a leaf that requires grad, standing in for G(z)
+    (the generator's own cost is not what differs); D's weights are frozen there."""
+    batch = 64 if p.gan_channels is None else p.batch
+    names = compiled_backends(device)
+    if not names:
+        return []
+    backend = names[0]
+    cases = []
+    quick = p.name == "quick"  # one case (every implementation): the networks compile slowly
+    for arch, make in list(_JVP_DS.items())[:1 if quick else None]:
+        for step in ("GP D step",) if quick else ("GP D step", "GN D step", "GN G step"):
+            def build(kind, step=step, make=make):
+                def factory():
+                    torch.manual_seed(0)
+                    if kind == "plain":
+                        D = make(torch.nn.utils.parametrizations.spectral_norm, p).to(device)
+                    else:
+                        D = make(spectral_norm, p).to(device)
+                        SpectralNormGroup(D)
+                    g_step = step == "GN G step"
+                    D.requires_grad_(not g_step)
+                    real = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+                    fake = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+                    alpha = torch.rand(batch, device=device)
+                    x = fake.clone().requires_grad_(True)
+                    method = {"plain": None, "double": "double_backward"}.get(kind, "jvp")
+                    loss = _jvp_losses(step, D, method)
+                    if kind in ("compiled", "graphs"):
+                        loss = torch.compile(loss, fullgraph=True,
+                                             mode="reduce-overhead" if kind == "graphs" else None)
+                    wrt = [x] if g_step else list(D.parameters())
+
+                    def call():
+                        value = loss(real, fake, alpha, x)
+                        value.backward()
+                        for t in wrt:
+                            t.grad = None
+                        return value
+                    return _with_backend(backend, call) if kind != "plain" else call
+                return factory
+
+            impls = {"plain PyTorch, double backward": build("plain"),
+                     f"{backend}, double backward": build("double"),
+                     f"{backend}, JVP": build("jvp"),
+                     f"{backend}, JVP compiled": build("compiled")}
+            if device.type == "cuda":
+                impls[f"{backend}, JVP compiled, CUDA graphs"] = build("graphs")
+            cases.append(Case("JVP step", f"{step} {arch}", f"batch {batch}, float32",
+                              "plain PyTorch, double backward", impls, memory=True))
+    return cases
+
+
 def all_cases(p: Preset, device: torch.device) -> List[Case]:
-    return spectral_norm_cases(p, device) + per_sample_cases(p, device) + train_step_cases(p, device)
+    return (spectral_norm_cases(p, device) + per_sample_cases(p, device)
+            + train_step_cases(p, device) + jvp_step_cases(p, device))

@@ -167,6 +167,13 @@ def _overhead_text(r: dict) -> Optional[str]:
     return f"per-call overhead of {r['impl']}: " + "; ".join(parts) if parts else None
 
 
+def _peak_text(rows: List[dict]) -> Optional[str]:
+    peaks = [(r["impl"], r["peak_mib"]) for r in rows if r.get("peak_mib") is not None]
+    if not peaks:
+        return None
+    return "peak memory: " + "; ".join(f"{name} {mib:.1f} MiB" for name, mib in peaks)
+
+
 def _wrap(text: str, indent: str = "") -> List[str]:
     return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
                          break_on_hyphens=False) or [indent]
@@ -206,6 +213,9 @@ def table(results: dict, markdown: bool = False) -> str:
             text = _overhead_text(r)
             if text:
                 lines += _wrap(text, "  ")
+        peaks = _peak_text(rows)
+        if peaks:
+            lines += _wrap(peaks, "  ")
         why = _case_reasons(rows)
         if why:
             lines += _wrap("! " + why, "  ")
@@ -243,6 +253,11 @@ def _markdown(results: dict) -> str:
         out += ["", "Unstable rows (not clean numbers: measure again on a quiet machine):", ""] + reasons
     overheads = [f"* {r['case']} {r['shape']}, {text}" for r in results["results"]
                  for text in [_overhead_text(r)] if text]
+    peaks = [f"* {case} {shape}: {text}" for (kind, case, shape), rows in _groups(results)
+             for text in [_peak_text(rows)] if text]
+    if peaks:
+        out += ["", "Peak memory of one call (what its allocations add at their highest; "
+                "lipkernels/benchmark/memory.py):", ""] + peaks
     if overheads:
         out += ["", "Per-call overhead (rows marked calibration: the floor is the same op through the "
                 "same dispatch and autograd with kernels that only allocate their outputs; kernels = "
@@ -330,6 +345,7 @@ _PANELS = {
     "spectral norm": "Spectral norm of whole discriminators (power iteration; forward; forward + backward)",
     "per-sample": "Per-sample gradient norm with the GN / GraN / GP / R1 epilogue",
     "train step": "Training steps end to end (one D step and one G step)",
+    "JVP step": "Steps through an input gradient: double backward vs reverse-over-forward JVP",
 }
 _REGIMES = {
     "": ("interleaved", "implementations called in turn: each call finds its data evicted"),
@@ -439,8 +455,8 @@ def plot_figure(results: dict):
                           f"whisker: {_coverage(results, 'speedup' + regime + '_ci_coverage')} "
                           "confidence interval)", fontsize=7.5)
             ax.tick_params(axis="x", labelsize=7)
-            if kind == "train step" and len(regimes) == 1:
-                ax.text(0.99, 0.02, "(training steps are timed interleaved only)", transform=ax.transAxes,
+            if kind in ("train step", "JVP step") and len(regimes) == 1:
+                ax.text(0.99, 0.02, "(steps are timed interleaved only)", transform=ax.transAxes,
                         ha="right", va="bottom", fontsize=7, color="dimgray")
     handles = [Patch(color=colors[i], label=i) for i in impls]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="////",

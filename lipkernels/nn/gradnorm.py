@@ -1,9 +1,17 @@
 """Gradient-normalized discriminators (docs/math.md sections 4 and 5) and the gradient
 penalties that take a network (section 3).
 
-All of them differentiate the network's input gradient ``g = d sum(f) / dx`` (built
-with ``create_graph=True``), so their outputs are differentiable end to end into the
-network's weights and, for GN/GraN, into the generator through ``x``.
+All of them differentiate the network's input gradient ``g = d sum(f) / dx``, so their
+outputs are differentiable end to end into the network's weights and, for GN/GraN, into
+the generator through ``x``. Two methods (argument ``method``):
+
+* ``'double_backward'``: ``g`` built with ``create_graph=True`` and differentiated by a
+  second backward; every order of derivative; ``torch.compile`` cannot compile it.
+* ``'jvp'``: reverse-over-forward (lipkernels/nn/_jvp.py, docs/math.md section 13):
+  exact first derivatives from one gradient without a graph, one forward-mode JVP and
+  the ordinary backward; compilable (``fullgraph=True``); ``create_graph=True`` raises.
+* ``'auto'`` (default): ``'jvp'`` while ``torch.compile`` traces, else
+  ``'double_backward'`` (faster in eager mode, as measured by ``lipkernels bench``).
 
 Under ``torch.autocast`` ``f`` comes out in the autocast dtype (float16/bfloat16) while
 ``g``, the gradient of a float32 ``x``, is float32: GN/GraN compute in the wider dtype and
@@ -11,62 +19,15 @@ return ``f``'s (docs/math.md section 10); the penalties return float32.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..ops import _func, _validate
-
-
-def input_gradient(model: nn.Module, x: torch.Tensor, create_graph: Optional[bool] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(f, g)`` with ``f = model(x)`` and ``g = d sum(f) / dx`` per sample.
-
-    ``x`` keeps its graph when it has one (a generator's output), so gradients reach
-    the generator; a leaf ``x`` is detached and made to require grad. With
-    ``create_graph=None`` the graph of ``g`` is built whenever grad mode is on.
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
-    grad_enabled = torch.is_grad_enabled()
-    if create_graph is None:
-        create_graph = grad_enabled
-    if _func.transforming():
-        # Under torch.func (grad, vmap, jacrev, ...): requires_grad_ and autograd.grad
-        # are not allowed there; torch.func.vjp gives the same g, differentiable by the
-        # enclosing transforms.
-        f, vjp_fn = torch.func.vjp(model, x)
-        _scores(f, x)
-        (g,) = vjp_fn(torch.ones_like(f))
-        return (f if grad_enabled else f.detach()), (g if create_graph else g.detach())
-    with torch.enable_grad():
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        f = model(x)
-        flat = _scores(f, x)
-        # Keep f's graph when the caller will differentiate f (grad mode on).
-        (g,) = torch.autograd.grad(flat.sum(), x, create_graph=create_graph,
-                                   retain_graph=create_graph or grad_enabled)
-    if not grad_enabled:
-        f = f.detach()
-    if not create_graph:
-        g = g.detach()
-    return f, g
-
-
-def _scores(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """f as (B,), after checking its shape against the batch of x."""
-    if f.dim() == 2 and f.shape[1] == 1:
-        flat = f.reshape(-1)
-    elif f.dim() == 1:
-        flat = f
-    else:
-        raise ValueError(f"the discriminator must return shape (B,) or (B, 1), got {tuple(f.shape)}")
-    if flat.shape[0] != x.shape[0]:
-        raise ValueError(f"the discriminator returned {flat.shape[0]} scores for a batch of {x.shape[0]}")
-    return flat
+from . import _jvp
+from ._grad import input_gradient
 
 
 class GradNorm(nn.Module):
@@ -80,16 +41,27 @@ class GradNorm(nn.Module):
             double backward is needed. Exact (almost everywhere) for piecewise-linear
             discriminators (ReLU / LeakyReLU); NOT valid for the discriminator step,
             where ``d||grad f|| / d theta != 0``. Default False (exact everywhere).
+        method: ``'auto'``, ``'double_backward'`` or ``'jvp'`` (module docstring). With
+            ``first_order`` no second derivative is taken by either; ``'jvp'`` then only
+            computes ``g`` in a compilable way.
 
     The output has the shape of ``f``; 0 where ``f = 0`` and ``grad f = 0``.
     """
 
-    def __init__(self, discriminator: nn.Module, first_order: bool = False) -> None:
+    def __init__(self, discriminator: nn.Module, first_order: bool = False,
+                 method: str = "auto") -> None:
         super().__init__()
         self.discriminator = discriminator
         self.first_order = first_order
+        _jvp.resolve("GradNorm", method)
+        self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _jvp.resolve("GradNorm", self.method) == "jvp" and not _func.transforming():
+            if self.first_order:
+                f, g = _jvp.scores_and_gradient(self.discriminator, x)
+                return ops.gn_normalize(f, g)
+            return _jvp.normalized("GradNorm", self.discriminator, x, "gn", 0.0)
         create = None if not self.first_order else False
         f, g = input_gradient(self.discriminator, x, create_graph=create)
         return ops.gn_normalize(f, g)
@@ -108,22 +80,28 @@ class GraN(nn.Module):
         eps: > 0; ``R(n) = n / (n^2 + eps)`` is close to ``1 / n`` for ``n >> sqrt(eps)``.
             The paper's default could not be confirmed from a primary source; 1e-4 is
             this library's choice, keep it small against typical gradient norms.
+        method: ``'auto'``, ``'double_backward'`` or ``'jvp'`` (module docstring).
     """
 
-    def __init__(self, discriminator: nn.Module, tau: float = 1.0, eps: float = 1e-4) -> None:
+    def __init__(self, discriminator: nn.Module, tau: float = 1.0, eps: float = 1e-4,
+                 method: str = "auto") -> None:
         super().__init__()
         self.discriminator = discriminator
         self.tau = _validate.positive("GraN", "tau", tau)
         self.eps = _validate.positive("GraN", "eps", eps)
+        _jvp.resolve("GraN", method)
+        self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _jvp.resolve("GraN", self.method) == "jvp" and not _func.transforming():
+            return _jvp.normalized("GraN", self.discriminator, x, "gran", self.eps) / self.tau
         f, g = input_gradient(self.discriminator, x)
         return ops.gran_normalize(f, g, self.eps) / self.tau
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
                      weight: float = 10.0, alpha: Optional[torch.Tensor] = None,
-                     center: float = 1.0) -> torch.Tensor:
+                     center: float = 1.0, method: str = "auto") -> torch.Tensor:
     """WGAN-GP: ``weight * mean_i (||grad f(x_hat_i)|| - center)^2`` with
     ``x_hat = alpha * real + (1 - alpha) * fake``, one ``alpha ~ U[0, 1]`` per sample.
 
@@ -132,7 +110,10 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
 
     Args:
         alpha: optional ``(B,)`` interpolation weights (drawn when None).
+        method: ``'auto'``, ``'double_backward'`` or ``'jvp'`` (module docstring); the
+            JVP is exact for any critic, samples that interact (BatchNorm) included.
     """
+    method = _jvp.resolve("gradient_penalty", method)
     weight = _validate.finite("gradient_penalty", "weight", weight)
     for name, t in (("real", real), ("fake", fake)):
         _validate.per_sample_grad("gradient_penalty", t, name)
@@ -147,13 +128,23 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
         raise ValueError(f"gradient_penalty: alpha must have shape ({batch},), got {tuple(alpha.shape)}")
     a = alpha.reshape((batch,) + (1,) * (real.dim() - 1))
     x_hat = a * real.detach() + (1 - a) * fake.detach()  # input_gradient differentiates it
+    if method == "jvp" and not _func.transforming():
+        center = _validate.fits("gradient_penalty", "center",
+                                _validate.finite("gradient_penalty", "center", center),
+                                real.dtype, "real")
+        return _jvp.penalty("gradient_penalty", critic, x_hat, "gp", float(center), weight)
     _, g = input_gradient(critic, x_hat)
     return weight * ops.gradient_penalty(g, center)
 
 
-def r1_penalty(discriminator: nn.Module, real: torch.Tensor, gamma: float) -> torch.Tensor:
-    """R1: ``gamma / 2 * mean_i ||grad D(real_i)||^2``, differentiable into D's weights."""
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor, gamma: float,
+               method: str = "auto") -> torch.Tensor:
+    """R1: ``gamma / 2 * mean_i ||grad D(real_i)||^2``, differentiable into D's weights.
+    ``method``: ``'auto'``, ``'double_backward'`` or ``'jvp'`` (module docstring)."""
+    method = _jvp.resolve("r1_penalty", method)
     gamma = _validate.finite("r1_penalty", "gamma", gamma)
     _validate.per_sample_grad("r1_penalty", real, "real")
+    if method == "jvp" and not _func.transforming():
+        return _jvp.penalty("r1_penalty", discriminator, real, "r1", 0.0, 0.5 * gamma)
     _, g = input_gradient(discriminator, real.detach())
     return 0.5 * gamma * ops.r1_penalty(g)

@@ -150,10 +150,17 @@ class SpectralNormGroup:
     ``remove()`` (or leaving a ``with`` block) takes the hooks off.
     """
 
+    #: The attribute of ``model`` holding its group (found by the JVP steps, which run
+    #: the model twice with its weights normalized once: lipkernels/nn/_jvp.py).
+    ATTRIBUTE = "_lipkernels_sn_group"
+
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SpectralNormGroup: model must be an nn.Module, got {type(model).__name__}")
         self.model = model
+        #: While True the forward hook does nothing (the weights are already normalized,
+        #: and cached by torch.nn.utils.parametrize.cached()).
+        self._held = False
         self.layers = _spectral_norm_parametrizations(model)
         if not self.layers:
             raise ValueError("SpectralNormGroup: the model has no layer normalized by "
@@ -164,8 +171,11 @@ class SpectralNormGroup:
             model.register_forward_pre_hook(self._before_forward),
             model.register_forward_hook(self._after_forward, always_call=True),
         ]
+        model.__dict__[self.ATTRIBUTE] = self
 
     def _before_forward(self, module, args) -> None:
+        if self._held:
+            return
         groups: Dict[tuple, list] = {}
         for plist, sn in self._lists:
             original = plist.original
@@ -184,6 +194,8 @@ class SpectralNormGroup:
                 sn.__dict__["_group_result"] = sn._restore(w_sn)
 
     def _after_forward(self, module, args, output) -> None:
+        if self._held:
+            return
         for _, sn in self._lists:
             sn.__dict__["_group_result"] = None
 
@@ -191,7 +203,10 @@ class SpectralNormGroup:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._held = False
         self._after_forward(None, None, None)
+        if self.model.__dict__.get(self.ATTRIBUTE) is self:
+            del self.model.__dict__[self.ATTRIBUTE]
 
     def __enter__(self) -> "SpectralNormGroup":
         return self

@@ -147,12 +147,21 @@ def build(m: Method, data: str) -> Tuple[nn.Module, nn.Module, int]:
 @dataclass
 class Trainer:
     """The G and D of one run and their optimizers; :meth:`step` is one generator step
-    after ``n_critic`` discriminator steps."""
+    after ``n_critic`` discriminator steps.
+
+    ``method`` is the gradient penalties' and GN / GraN's method (``'auto'``,
+    ``'double_backward'``, ``'jvp'``: lipkernels.nn.gradnorm). With ``compile=True`` the
+    D loss and the G loss (:meth:`d_loss`, :meth:`g_loss`: every forward, penalty and
+    normalization of a step) run through ``torch.compile(fullgraph=True)``, which makes
+    ``'auto'`` the JVP; backward and optimizer steps stay eager.
+    """
     m: Method
     G: nn.Module
     D: nn.Module
     z_dim: int
     dtype: torch.dtype = torch.float32
+    method: str = "auto"
+    compile: bool = False
     d_model: nn.Module = field(init=False)
     g_model: nn.Module = field(init=False)
 
@@ -162,13 +171,18 @@ class Trainer:
         self.D.to(self.dtype)
         self.group = lnn.SpectralNormGroup(self.D) if m.spectral_norm else None
         if m.wrap == "gn":
-            self.d_model = lnn.GradNorm(self.D)
-            self.g_model = lnn.GradNorm(self.D, first_order=m.first_order_g)
+            self.d_model = lnn.GradNorm(self.D, method=self.method)
+            self.g_model = lnn.GradNorm(self.D, first_order=m.first_order_g, method=self.method)
         elif m.wrap == "gran":
-            self.d_model = self.g_model = lnn.GraN(self.D, tau=m.gran_tau, eps=m.gran_eps)
+            self.d_model = self.g_model = lnn.GraN(self.D, tau=m.gran_tau, eps=m.gran_eps,
+                                                   method=self.method)
         else:
             self.d_model = self.g_model = self.D
         self.opt_d, self.opt_g = (self._optimizer(self.D), self._optimizer(self.G))
+        self._d_loss, self._g_loss = self.d_loss, self.g_loss
+        if self.compile:
+            self._d_loss = torch.compile(self.d_loss, fullgraph=True)
+            self._g_loss = torch.compile(self.g_loss, fullgraph=True)
 
     def _optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         if self.m.optimizer == "rmsprop":
@@ -177,6 +191,23 @@ class Trainer:
 
     def z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.z_dim, dtype=self.dtype)
+
+    def d_loss(self, real: torch.Tensor, fake: torch.Tensor,
+               alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The discriminator's loss on one batch (``fake`` without a graph; ``alpha``: the
+        gradient penalty's interpolation weights, drawn when None)."""
+        m = self.m
+        b = real.shape[0]
+        out = self.d_model(torch.cat([real, fake])).reshape(-1)
+        loss = m.loss.d(out[:b], out[b:])
+        if m.gp_weight is not None:
+            loss = loss + lnn.gradient_penalty(self.D, real, fake, weight=m.gp_weight,
+                                               alpha=alpha, method=self.method)
+        return loss
+
+    def g_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """The generator's loss for latents ``z`` (call with D's weights frozen)."""
+        return self.m.loss.g(self.g_model(self.G(z)).reshape(-1))
 
     def step(self, real_batches: List[torch.Tensor]) -> Tuple[float, float]:
         """One generator step after ``len(real_batches) == n_critic`` D steps;
@@ -187,10 +218,11 @@ class Trainer:
             b = real.shape[0]
             with torch.no_grad():
                 fake = self.G(self.z(b))
-            out = self.d_model(torch.cat([real, fake])).reshape(-1)
-            d_loss = m.loss.d(out[:b], out[b:])
-            if m.gp_weight is not None:
-                d_loss = d_loss + lnn.gradient_penalty(self.D, real, fake, weight=m.gp_weight)
+            # Drawn here, in the order of the eager code, so compiled and eager runs
+            # consume the random stream alike.
+            alpha = (torch.rand(b, dtype=real.dtype, device=real.device)
+                     if m.gp_weight is not None else None)
+            d_loss = self._d_loss(real, fake, alpha)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
@@ -200,8 +232,7 @@ class Trainer:
         # Generator step: D's weights are constants here.
         self.D.requires_grad_(False)
         try:
-            fake = self.G(self.z(real_batches[0].shape[0]))
-            g_loss = m.loss.g(self.g_model(fake).reshape(-1))
+            g_loss = self._g_loss(self.z(real_batches[0].shape[0]))
             self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             self.opt_g.step()

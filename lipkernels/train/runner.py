@@ -39,12 +39,14 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def train_run(method: str, data: str, steps: int, seed: int = 0, backend: str = "auto",
               dtype: torch.dtype = torch.float32, batch: Optional[int] = None,
               eval_every: Optional[int] = None, evaluator=None, keep_trainer: bool = False,
-              n_eval: Optional[int] = None) -> dict:
+              n_eval: Optional[int] = None, grad_method: str = "auto",
+              compile: bool = False) -> dict:
     """One run: ``steps`` generator steps of ``method`` on ``data`` from ``seed`` with the
     lipkernels backend ``backend``. Returns losses per step, metrics every
     ``eval_every`` steps and at the end (over ``n_eval`` samples: default 2,500 for the
     2-D data, 1,797 for digits), and the wall time per step (metrics excluded);
-    with ``keep_trainer`` also the :class:`~lipkernels.train.methods.Trainer`."""
+    with ``keep_trainer`` also the :class:`~lipkernels.train.methods.Trainer`.
+    ``grad_method`` and ``compile``: the Trainer's ``method`` and ``compile``."""
     m = methods_mod.method(method)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -55,7 +57,7 @@ def train_run(method: str, data: str, steps: int, seed: int = 0, backend: str = 
     mix = sampler.mixture
     torch.manual_seed(seed)
     G, D, z_dim = methods_mod.build(m, data)
-    trainer = methods_mod.Trainer(m, G, D, z_dim, dtype)
+    trainer = methods_mod.Trainer(m, G, D, z_dim, dtype, method=grad_method, compile=compile)
     n_eval = n_eval or (metrics_mod.N_SAMPLES if data != "digits" else len(sampler.images))
     d_losses: List[float] = []
     g_losses: List[float] = []
@@ -338,6 +340,8 @@ def main(args) -> int:
               f"{evaluator.real_floor:.2f}", flush=True)
     tasks = [dict(method=m, data=d, steps=steps[d], seed=seed, backend=args.backend, dtype=dtype,
                   eval_every=max(1, steps[d] // EVALS),
+                  grad_method=getattr(args, "grad_method", "auto"),
+                  compile=getattr(args, "compile", False),
                   n_eval=QUICK_DIGITS_EVAL if (args.quick and d == "digits") else None)
              for d in datas for m in meths for seed in seeds]
     jobs = max(1, args.jobs or 1)
