@@ -462,9 +462,11 @@ def jvp_step_cases(p: Preset, device: torch.device) -> List[Case]:
         return []
     backend = names[0]
     cases = []
-    quick = p.name == "quick"  # one case (every implementation): the networks compile slowly
-    for arch, make in list(_JVP_DS.items())[:1 if quick else None]:
-        for step in ("GP D step",) if quick else ("GP D step", "GN D step", "GN G step"):
+    # quick and short (make gpu-check's time box): one case, every implementation (each
+    # compiled implementation compiles for tens of seconds)
+    few = p.name in ("quick", "short")
+    for arch, make in list(_JVP_DS.items())[:1 if few else None]:
+        for step in ("GP D step",) if few else ("GP D step", "GN D step", "GN G step"):
             def build(kind, step=step, make=make):
                 def factory():
                     torch.manual_seed(0)

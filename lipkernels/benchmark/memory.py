@@ -9,9 +9,28 @@ inside one op is missed: a lower bound, up to the largest such temporary.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator, Optional
 
 import torch
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: the profiler's C++ side prints a line at each
+    start and stop there (torch 2.13), which would interleave with the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -25,7 +44,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
         return int(torch.cuda.max_memory_allocated(device) - start)
     from torch.profiler import ProfilerActivity, profile
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
     except RuntimeError:  # another profiler is active
         return None
