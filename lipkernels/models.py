@@ -227,3 +227,191 @@ __all__ = ["sngan_cnn_discriminator", "dcgan_discriminator", "sngan_cnn_generato
            "sngan_resnet_discriminator", "gngan_resnet_discriminator",
            "gngan_resnet128_discriminator", "resnet_discriminator", "biggan_discriminator",
            "ResBlock", "ResNetDiscriminator"]
+
+
+# ------------------------------------------------------------------ SA-GAN self-attention
+
+class SelfAttention2d(nn.Module):
+    r"""The self-attention block of SA-GAN (Zhang, Goodfellow, Metaxas, Odena,
+    "Self-Attention Generative Adversarial Networks", ICML 2019, section 3), with the
+    widths and the pooling of the authors' TensorFlow code (brain-research/
+    self-attention-gan, ``non_local.py``, ``sn_non_local_block_sim``).
+
+    For ``x`` of shape ``(B, C, H, W)`` seen as ``N = H W`` feature vectors
+    ``x_1 ... x_N`` in ``R^C`` (paper, eqs. 1-3)::
+
+        f(x) = W_f x,  g(x) = W_g x         (1x1 convs C -> C_k, C_k = max(1, C // 8))
+        h(x) = W_h x                        (1x1 conv  C -> C_v, C_v = max(1, C // 2))
+        s_ij = f(x_i)^T g(x_j)
+        beta_{j,i} = exp(s_ij) / sum_i exp(s_ij)      (softmax over the keys i)
+        o_j = W_v ( sum_i beta_{j,i} h(x_i) )          (1x1 conv C_v -> C)
+        y_j = gamma * o_j + x_j                        (gamma: a learnable scalar, init 0)
+
+    ``beta_{j,i}`` is how much output location ``j`` attends to location ``i``: ``g`` is
+    the query (at ``j``), ``f`` the key and ``h`` the value (at ``i``). The attributes
+    are named by role: ``query`` = ``W_g`` (the code's ``sn_conv_theta``), ``key`` =
+    ``W_f`` (``sn_conv_phi``), ``value`` = ``W_h`` (``sn_conv_g``), ``out`` = ``W_v``
+    (``sn_conv_attn``), ``gamma`` (``sigma_ratio``).
+
+    Where the paper and the code differ, this follows the code unless told otherwise:
+
+    * ``C_v = C // 2`` (the paper writes ``C / 8`` for ``W_h`` and ``W_v`` too);
+    * ``pool=True`` (default): the key and value maps ``f(x)``, ``h(x)`` are max-pooled
+      2x2 (stride 2) before the attention, so each of the ``N`` queries attends to
+      ``N / 4`` locations; ``H`` and ``W`` must then be even. ``pool=False`` is the
+      paper's equation (every query attends to all ``N`` locations);
+    * the four 1x1 convs have no bias and Xavier-uniform initial weights (the code's
+      ``sn_conv1x1`` with ``tf.contrib.layers.xavier_initializer``).
+
+    The softmax is computed as ``exp(s - max_i s) / sum`` rather than by
+    ``torch.softmax``, whose forward-mode rule breaks reverse-over-forward
+    differentiation (the ``method='jvp'`` of ``GradNorm`` / ``GraN`` / the penalties).
+
+    ``gamma = 0`` at initialization, so a new block is the identity (the paper: the
+    network first relies on local cues, then learns to weight in non-local evidence).
+
+    Args:
+        channels: ``C``, the input (and output) channels.
+        norm: applied to each of the four convs, e.g. ``lipkernels.spectral_norm``
+            (SA-GAN spectrally normalizes every layer of G and D, these included) or
+            ``torch.nn.utils.parametrizations.spectral_norm``; None for none. ``gamma``
+            is not normalized.
+        pool: max-pool the keys and values 2x2 (the official code) or not (the paper).
+
+    Input ``(B, C, H, W)``, output the same shape. With spectrally normalized convs the
+    block is still not globally Lipschitz (dot-product attention is not: Kim,
+    Papamakarios, Mnih, "The Lipschitz Constant of Self-Attention", ICML 2021), and
+    ``gamma`` is unbounded.
+    """
+
+    def __init__(self, channels: int, norm: Norm = None, pool: bool = True) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"SelfAttention2d: channels must be a positive int, got {channels!r}")
+        self.channels = channels
+        self.key_channels = max(1, channels // 8)
+        self.value_channels = max(1, channels // 2)
+        self.pool = bool(pool)
+
+        def conv1x1(cin: int, cout: int) -> nn.Module:
+            layer = nn.Conv2d(cin, cout, 1, bias=False)
+            nn.init.xavier_uniform_(layer.weight)
+            return _apply(norm, layer)
+
+        self.query = conv1x1(channels, self.key_channels)       # W_g
+        self.key = conv1x1(channels, self.key_channels)         # W_f
+        self.value = conv1x1(channels, self.value_channels)     # W_h
+        self.out = conv1x1(self.value_channels, channels)       # W_v
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, key_channels={self.key_channels}, "
+                f"value_channels={self.value_channels}, pool={self.pool}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"SelfAttention2d: x must be a 4-D tensor (B, C, H, W), got "
+                             f"{x.dim()}-D shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if c != self.channels:
+            raise ValueError(f"SelfAttention2d: x has {c} channels (dim 1 of shape "
+                             f"{tuple(x.shape)}), the block was built for {self.channels}")
+        if self.pool and (h % 2 or w % 2):
+            raise ValueError(f"SelfAttention2d: with pool=True x's height and width must be "
+                             f"even (2x2 max-pooling of keys and values), got {h}x{w}; "
+                             f"use pool=False")
+        q = self.query(x).flatten(2)                    # (B, C_k, N)
+        k, v = self.key(x), self.value(x)
+        if self.pool:
+            k, v = nn.functional.max_pool2d(k, 2), nn.functional.max_pool2d(v, 2)
+        k, v = k.flatten(2), v.flatten(2)               # (B, C_k, M), (B, C_v, M)
+        beta = _softmax_last(torch.bmm(q.transpose(1, 2), k))   # (B, N, M): beta_{j,i}
+        o = torch.bmm(v, beta.transpose(1, 2)).reshape(b, self.value_channels, h, w)
+        return x + self.gamma * self.out(o)
+
+
+def _softmax_last(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim as ``exp(s - max) / sum``, the max held constant (the
+    softmax does not depend on it, so every derivative is exact). Not ``torch.softmax``:
+    its forward-mode rule modifies a tensor that reverse mode saved, so the JVP method of
+    GN / GraN / the penalties (reverse over forward) fails on it (pytorch/pytorch#162350,
+    open in torch 2.13)."""
+    e = torch.exp(s - s.amax(dim=-1, keepdim=True).detach())
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _insert_after_stage(layers: Sequence[nn.Module], stride2_index: int,
+                        block: nn.Module) -> nn.Sequential:
+    """``layers`` with ``block`` inserted before their ``stride2_index``-th (from 0)
+    stride-2 conv, i.e. after the feature stage that conv down-samples."""
+    layers = list(layers)
+    seen = -1
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Conv2d) and tuple(layer.stride) == (2, 2):
+            seen += 1
+            if seen == stride2_index:
+                return nn.Sequential(*layers[:i], block, *layers[i:])
+    raise ValueError(f"no stride-2 conv number {stride2_index} to insert "
+                     f"{type(block).__name__} before")
+
+
+def sagan_digits_generator(z_dim: int = 32, channels: Sequence[int] = (64, 32, 16),
+                           norm: Norm = None) -> nn.Sequential:
+    """The small digits generator of ``lipkernels.train`` (``methods._digits_generator``)
+    with an SA-GAN :class:`SelfAttention2d` after its 8x8 stage, mapping ``(B, z_dim)``
+    to ``(B, 1, 16, 16)`` in ``[-1, 1]``::
+
+         0 Linear(z_dim, 4*4*c0),   1 Unflatten -> (c0, 4, 4)
+         2 BatchNorm2d(c0),         3 ReLU      4x4
+         4 ConvTranspose2d(c0, c1, 4, 2, 1)
+         5 BatchNorm2d(c1),         6 ReLU      8x8
+         7 SelfAttention2d(c1)                  8x8 (keys, values pooled to 4x4)
+         8 ConvTranspose2d(c1, c2, 4, 2, 1)
+         9 BatchNorm2d(c2),        10 ReLU      16x16
+        11 Conv2d(c2, 1, 3, 1, 1), 12 Tanh
+
+    ``norm`` (e.g. ``lipkernels.spectral_norm``: SA-GAN normalizes G too) is applied to
+    the Linear, both transposed convs, the last conv and the four 1x1 convs of the
+    attention; not to BatchNorm. The paper puts attention on the mid-to-high level
+    feature maps; here that is the 8x8 one of c1 = 32 channels (keys and values
+    max-pooled to 4x4). 76,450 parameters with the defaults (75,169 without attention).
+    """
+    c0, c1, c2 = channels
+    return nn.Sequential(
+        _apply(norm, nn.Linear(z_dim, 4 * 4 * c0)), nn.Unflatten(1, (c0, 4, 4)),
+        nn.BatchNorm2d(c0), nn.ReLU(),
+        _apply(norm, nn.ConvTranspose2d(c0, c1, 4, 2, 1)), nn.BatchNorm2d(c1), nn.ReLU(),
+        SelfAttention2d(c1, norm=norm),
+        _apply(norm, nn.ConvTranspose2d(c1, c2, 4, 2, 1)), nn.BatchNorm2d(c2), nn.ReLU(),
+        _apply(norm, nn.Conv2d(c2, 1, 3, 1, 1)), nn.Tanh(),
+    )
+
+
+def sagan_digits_discriminator(norm: Norm = None) -> nn.Sequential:
+    """The digits discriminator of ``lipkernels.train``
+    (``sngan_cnn_discriminator(norm, channels=(16, 32, 64, 64), in_channels=1,
+    image_size=16)``) with an SA-GAN :class:`SelfAttention2d` after its 8x8 stage
+    (before the stride-2 conv that down-samples 8x8 to 4x4). Maps ``(B, 1, 16, 16)`` to
+    ``(B, 1)``; LeakyReLU(0.1) after every conv (``LReLU`` below)::
+
+         0 Conv2d(1, 16, 3, 1, 1),   1 LReLU      16x16
+         2 Conv2d(16, 16, 4, 2, 1),  3 LReLU      8x8
+         4 Conv2d(16, 32, 3, 1, 1),  5 LReLU      8x8
+         6 SelfAttention2d(32)                    8x8 (keys, values pooled to 4x4)
+         7 Conv2d(32, 32, 4, 2, 1),  8 LReLU      4x4
+         9 Conv2d(32, 64, 3, 1, 1), 10 LReLU      4x4
+        11 Conv2d(64, 64, 4, 2, 1), 12 LReLU      2x2
+        13 Conv2d(64, 64, 3, 1, 1), 14 LReLU      2x2
+        15 Flatten, 16 Linear(256, 1)
+
+    ``norm`` (e.g. ``lipkernels.spectral_norm``) is applied to all 8 convs/dense and to
+    the 4 attention convs (12 normalized weights). 147,890 parameters (146,609 without
+    attention). Not piecewise linear (softmax), so ``GradNorm(first_order=True)``'s
+    exactness note does not hold for it.
+    """
+    base = sngan_cnn_discriminator(norm=norm, channels=(16, 32, 64, 64), in_channels=1,
+                                   image_size=16)
+    return _insert_after_stage(base, 1, SelfAttention2d(32, norm=norm))
+
+
+__all__ += ["SelfAttention2d", "sagan_digits_generator", "sagan_digits_discriminator"]
