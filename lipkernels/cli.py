@@ -208,6 +208,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.figure:
+        if args.protocol != "wgangp-toy":
+            raise SystemExit("lipkernels train: --figure 1a / 1b are the WGAN-GP paper's: "
+                             "use --protocol wgangp-toy")
+        from .train import figures
+        return figures.main(args)
     from .train import runner
     return runner.main(args)
 
@@ -241,16 +247,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train a GAN method of the seed papers on a data set that needs no download, "
                     "with lipkernels' layers and penalties, and measure it (README: Training). "
                     "Writes DIR/train-<date>.json (results, provenance), .md (table) and PNGs.")
-    train.add_argument("--method", default="gngan",
-                       help="nsgan, wgan, wgangp, sngan, gngan, gngan-fo, grand, granc, or all "
-                            "(default gngan)")
-    train.add_argument("--data", default="ring8", help="ring8, grid25, digits, or all (default ring8)")
+    train.add_argument("--protocol", default="small",
+                       help="small (lipkernels' own: ring8, grid25, digits; every method) or "
+                            "wgangp-toy (the WGAN-GP paper's toy experiment, its official settings: "
+                            "8gaussians, 25gaussians, swissroll; wgangp, wgan) (default small)")
+    train.add_argument("--method", default=None,
+                       help="small: nsgan, wgan, wgangp, sngan, gngan, gngan-fo, grand, granc; "
+                            "wgangp-toy: wgangp, wgan; or all (default gngan / wgangp)")
+    train.add_argument("--data", default=None,
+                       help="small: ring8, grid25, digits; wgangp-toy: 8gaussians, 25gaussians, "
+                            "swissroll; or all (default: the protocol's first)")
     train.add_argument("--steps", type=int, default=None,
-                       help="generator steps (default: 2000 for the 2-D data, 400 for digits)")
+                       help="generator steps (default: the protocol's budget: small 2000 for the "
+                            "2-D data, 400 for digits; wgangp-toy 2000)")
+    train.add_argument("--long", action="store_true",
+                       help="the protocol's long budget, of the committed runs (wgangp-toy: 6000 "
+                            "generator steps on 8gaussians, 12000 on 25gaussians, 3000 on swissroll)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the interrupted runs of this command from their checkpoints "
+                            "in DIR/runs/ and reuse the finished ones (also: more --steps continue "
+                            "a finished run)")
+    train.add_argument("--checkpoint-every", type=int, default=None,
+                       help="generator steps between checkpoints (default 500)")
+    train.add_argument("--eval-every", type=int, default=None,
+                       help="generator steps between metric evaluations (default: 10 per run)")
+    train.add_argument("--impl", choices=["lipkernels", "plain", "both"], default="lipkernels",
+                       help="train with lipkernels, with the plain-PyTorch twin (torch's spectral "
+                            "norm, the papers' formulas written out), or both side by side "
+                            "(default lipkernels)")
+    train.add_argument("--gran-eps", type=float, default=None,
+                       help="GraN's eps instead of the method's 1e-4 (a deliberate change, "
+                            "recorded in the results)")
+    train.add_argument("--gran-tau", type=float, default=None,
+                       help="GraN's tau instead of the method's 1 (as --gran-eps)")
+    train.add_argument("--diagnose", action="store_true",
+                       help="at each evaluation also record the discriminator's median output, "
+                            "input-gradient norm and normalized output on real and fake data")
+    train.add_argument("--figure", choices=["1a", "1b"], default=None,
+                       help="with --protocol wgangp-toy: the paper's Figure 1(a) (critics trained "
+                            "against a fixed generator, value surfaces) or 1(b) (gradient norms "
+                            "of a 12-layer critic per layer, clipping vs GP) instead of training")
     train.add_argument("--backend", default="auto",
                        help="lipkernels backend: auto, reference, cpu, cuda, triton (default auto)")
-    train.add_argument("--seed", type=int, default=None,
-                       help="one seed (default: 0; seeds 0, 1, 2 with --suite)")
+    train.add_argument("--seed", default=None,
+                       help="a seed or a comma-separated list (default: 0; the protocol's seeds "
+                            "with --suite: small 0, 1, 2)")
     train.add_argument("--suite", action="store_true",
                        help="every method x data set x seeds 0, 1, 2 (sized for under 30 minutes on "
                             "2 idle cores with --jobs 2)")

@@ -18,6 +18,9 @@ import lipkernels
 #: the emulation build (the CUDA kernels on CPU tensors) tests only what it adds.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _ONLY = [b for b in os.environ.get("LIPKERNELS_TEST_BACKENDS", "").split(",") if b]
+#: The main run of the suite (not the emulation build's run, not the interpreter's):
+#: tests that do not depend on the backend run there only.
+MAIN_RUN = not INTERPRETING and not _ONLY
 COMPILED_BACKENDS = [b for b in lipkernels.available_backends()
                      if b != "reference" and not (b == "triton" and INTERPRETING)
                      and (not _ONLY or b in _ONLY)]

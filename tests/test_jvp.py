@@ -13,14 +13,13 @@ import lipkernels
 from lipkernels import models
 from lipkernels import nn as lnn
 from lipkernels.train import methods as train_methods
-from conftest import _ONLY, COMPILED_BACKENDS, INTERPRETING, backend_context
+from conftest import _ONLY, COMPILED_BACKENDS, INTERPRETING, MAIN_RUN, backend_context
 
 F64 = torch.float64
 TOL = 1e-10
 
 # The emulation build's run (LIPKERNELS_TEST_BACKENDS=cuda) tests only what it adds.
 BACKENDS = ([] if _ONLY else ["reference"]) + COMPILED_BACKENDS
-MAIN_RUN = not INTERPRETING and not _ONLY
 if INTERPRETING and "triton" in lipkernels.available_backends():
     BACKENDS = ["triton"]
 
@@ -267,7 +266,7 @@ def test_zero_gradient_samples():
 
 # ------------------------------------------------------------------ compiled steps
 
-COMPILE_METHODS = [m for m in train_methods.METHOD_NAMES]
+COMPILE_METHODS = [m for m in train_methods.METHOD_NAMES if train_methods.METHODS[m].data is None]
 
 
 def _trainer_grads(method, data, compile, seed=0):

@@ -11,6 +11,20 @@
   - ``grid25``: 25 equally weighted spherical Gaussians, means ``(-4 + 2 i, -4 + 2 j)``,
     ``i, j in {0, ..., 4}``, standard deviation 0.05 (variance 0.0025).
 
+* ``8gaussians``, ``25gaussians``, ``swissroll``: the toy data of the WGAN-GP paper
+  (Gulrajani et al. 2017), as the data generators of its official script ``gan_toy.py``
+  (igul222/improved_wgan_training) make them, written here from its settings:
+
+  - ``8gaussians``: a centre drawn uniformly from the 8 points ``2 (cos k pi/4, sin k pi/4)``
+    plus ``0.02`` times a standard normal, all divided by ``1.414``;
+  - ``25gaussians``: one fixed data set of 100,000 points (4,000 per centre of the grid
+    ``(2 i, 2 j)``, ``i, j in {-2, ..., 2}``, plus ``0.05`` times a standard normal),
+    shuffled once, divided by ``2.828``, and read in order in batches (the last partial
+    batch of each pass skipped, as the script does);
+  - ``swissroll``: scikit-learn's ``make_swiss_roll(noise=0.25)`` (``t = 1.5 pi (1 + 2 u)``,
+    points ``(t cos t, t sin t)`` plus ``0.25`` times a standard normal in each
+    coordinate), divided by ``7.5``.
+
 * ``digits``: scikit-learn's bundled handwritten digits (UCI optdigits test set, 1,797
   gray images of 8x8 pixels, values 0..16, 10 classes), upsampled to 16x16 with bilinear
   interpolation and scaled to ``[-1, 1]``: ``(N, 1, 16, 16)``.
@@ -24,7 +38,8 @@ from typing import Optional, Tuple
 import torch
 
 MIXTURES = ("ring8", "grid25")
-DATASETS = MIXTURES + ("digits",)
+TOY = ("8gaussians", "25gaussians", "swissroll")
+DATASETS = MIXTURES + ("digits",) + TOY
 IMAGE_SIZE = 16
 
 
@@ -53,6 +68,64 @@ def mixture(name: str) -> Mixture:
         centers = torch.cartesian_prod(axis, axis)
         return Mixture(name, centers, 0.05)
     raise ValueError(f"mixture: name must be one of {', '.join(MIXTURES)}, got {name!r}")
+
+
+#: The official script's scale divisors ("stdev") and noise levels.
+TOY_SCALE = {"8gaussians": 1.414, "25gaussians": 2.828, "swissroll": 7.5}
+TOY_NOISE = {"8gaussians": 0.02, "25gaussians": 0.05, "swissroll": 0.25}
+TOY_GRID_POINTS = 100_000
+
+
+def toy_mixture(name: str) -> Mixture:
+    """The modes of ``8gaussians`` / ``25gaussians`` in the scaled coordinates the
+    networks see (centres and sigma divided by the script's divisor)."""
+    scale = TOY_SCALE.get(name)
+    if name == "8gaussians":
+        angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
+        centers = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    elif name == "25gaussians":
+        axis = torch.arange(-2, 3, dtype=torch.float64) * 2
+        centers = torch.cartesian_prod(axis, axis)
+    else:
+        raise ValueError(f"toy_mixture: name must be 8gaussians or 25gaussians, got {name!r}")
+    return Mixture(name, centers / scale, TOY_NOISE[name] / scale)
+
+
+@dataclass(frozen=True)
+class SwissRoll:
+    """The swiss roll of ``gan_toy.py`` in its scaled coordinates: the noiseless curve
+    ``(t cos t, t sin t) / 7.5`` for ``t`` uniform on ``[1.5 pi, 4.5 pi]``, and Gaussian
+    noise of ``sigma = 0.25 / 7.5`` per coordinate. For the metrics the range of ``t``
+    is cut into ``segments`` equal parts, each holding 1/segments of the data: the
+    "modes" of the roll."""
+    name: str = "swissroll"
+    sigma: float = TOY_NOISE["swissroll"] / TOY_SCALE["swissroll"]
+    segments: int = 20
+
+    @staticmethod
+    def curve(t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t * t.cos(), t * t.sin()], dim=-1) / TOY_SCALE["swissroll"]
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return (self.curve(t) + self.sigma * noise).to(dtype)
+
+
+def toy_distribution(name: str):
+    """The distribution behind a toy data set, for its metrics: a :class:`Mixture`
+    (``8gaussians``, ``25gaussians``) or the :class:`SwissRoll`."""
+    return SwissRoll() if name == "swissroll" else toy_mixture(name)
+
+
+def target(name: str):
+    """What a 2-D data set's metrics compare with: its Mixture or SwissRoll."""
+    if name in MIXTURES:
+        return mixture(name)
+    if name in TOY:
+        return toy_distribution(name)
+    raise ValueError(f"target: {name!r} is not a 2-D data set ({', '.join(MIXTURES + TOY)})")
 
 
 def _sklearn_digits():
@@ -85,7 +158,9 @@ def digits_split(dtype: torch.dtype = torch.float32, test_fraction: float = 0.2,
 
 class Sampler:
     """Batches of real data for one run, from its own generator (so the training's
-    draws of ``z`` and the data's do not interleave differently across settings)."""
+    draws of ``z`` and the data's do not interleave differently across settings).
+    :meth:`state_dict` / :meth:`load_state_dict` let a resumed run continue the same
+    stream of batches."""
 
     def __init__(self, name: str, seed: int, dtype: torch.dtype = torch.float32) -> None:
         if name not in DATASETS:
@@ -93,15 +168,49 @@ class Sampler:
         self.name = name
         self.dtype = dtype
         self.generator = torch.Generator().manual_seed(10_000 + seed)
+        self.mixture: Optional[Mixture] = None
+        self.images = None
+        self.position = 0
         if name in MIXTURES:
-            self.mixture: Optional[Mixture] = mixture(name)
-            self.images = None
-        else:
-            self.mixture = None
+            self.mixture = mixture(name)
+        elif name == "digits":
             self.images, _ = digits(dtype)
+        elif name == "25gaussians":
+            mix = toy_mixture(name)
+            reps = TOY_GRID_POINTS // len(mix.centers)
+            points = mix.centers.repeat(reps, 1) * TOY_SCALE[name]
+            points = points + TOY_NOISE[name] * torch.randn(points.shape, generator=self.generator,
+                                                            dtype=torch.float64)
+            perm = torch.randperm(len(points), generator=self.generator)
+            self.points = (points[perm] / TOY_SCALE[name]).to(dtype)
+        self.target = target(name) if name != "digits" else None
+
+    def _toy(self, n: int) -> torch.Tensor:
+        if self.name == "8gaussians":
+            mix = toy_mixture(self.name)
+            idx = torch.randint(len(mix.centers), (n,), generator=self.generator)
+            noise = torch.randn(n, 2, generator=self.generator, dtype=torch.float64)
+            return ((mix.centers[idx] * TOY_SCALE[self.name] + TOY_NOISE[self.name] * noise)
+                    / TOY_SCALE[self.name]).to(self.dtype)
+        if self.name == "swissroll":
+            return SwissRoll().sample(n, self.generator, self.dtype)
+        if self.position + n > len(self.points):   # a new pass, in the same order
+            self.position = 0
+        out = self.points[self.position:self.position + n]
+        self.position += n
+        return out
 
     def __call__(self, n: int) -> torch.Tensor:
         if self.mixture is not None:
             return self.mixture.sample(n, self.generator, self.dtype)
-        idx = torch.randint(len(self.images), (n,), generator=self.generator)
-        return self.images[idx]
+        if self.images is not None:
+            idx = torch.randint(len(self.images), (n,), generator=self.generator)
+            return self.images[idx]
+        return self._toy(n)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.position = int(state["position"])

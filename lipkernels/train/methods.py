@@ -23,6 +23,10 @@ gngan-fo   GN-GAN with the first-order generator step (``GradNorm(D, first_order
 grand      GraN-GAN discriminator (Bhaskara et al. WACV 2022), GraND: BCE on the logits
            ``lipkernels.nn.GraN(D, tau=1, eps=1e-4)``; optimizer and steps as gngan
 granc      GraN-GAN critic, GraNC: hinge loss on ``GraN(D, tau=1, eps=1e-4)``; as grand
+sagan      SA-GAN (Zhang et al. 2019), digits only: ``models.sagan_digits_generator`` /
+           ``sagan_digits_discriminator`` (a self-attention block at 8x8 in each, as the
+           official ``non_local.py``), spectral norm on every layer of G and D; hinge loss;
+           Adam(betas (0, 0.9)), D 4e-4, G 1e-4 (the paper's two time-scale rule); 1
 =========  ===================================================================================
 
 GraN-GAN: the paper's own optimizer settings, tau and eps could not be checked against a
@@ -40,7 +44,7 @@ generator ``z in R^32 -> dense 4x4x64 -> deconv 64->32 -> deconv 32->16 -> conv 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -56,7 +60,7 @@ class Method:
     name: str
     title: str
     loss: losses.GANLoss
-    optimizer: str            # "adam" or "rmsprop"
+    optimizer: str            # "adam", "rmsprop" (torch's) or "rmsprop-tf" (TensorFlow 1's)
     lr: float
     betas: Tuple[float, float] = (0.5, 0.999)
     n_critic: int = 1
@@ -68,6 +72,9 @@ class Method:
     gran_tau: float = 1.0
     gran_eps: float = 1e-4
     source: str = ""
+    lr_g: Optional[float] = None       # the generator's learning rate when not ``lr`` (TTUR)
+    attention: bool = False            # SA-GAN: self-attention and spectral norm in G and D
+    data: Optional[Tuple[str, ...]] = None   # the data sets it applies to (None: all)
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in [
@@ -88,6 +95,10 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
            wrap="gran", source="Bhaskara et al. 2022; optimizer as GN-GAN (not verified)"),
     Method("granc", "GraNC (GraN-GAN)", losses.hinge, "adam", 2e-4, (0.0, 0.9), 1, wrap="gran",
            source="Bhaskara et al. 2022; optimizer as GN-GAN (not verified)"),
+    Method("sagan", "SA-GAN", losses.hinge, "adam", 4e-4, (0.0, 0.9), 1, spectral_norm=True,
+           lr_g=1e-4, attention=True, data=("digits",),
+           source="Zhang et al. 2019: hinge loss, SN in G and D, Adam(0, 0.9), TTUR lr D 4e-4, "
+                  "G 1e-4, 1 D step; self-attention as the official non_local.py"),
 ]}
 
 
@@ -135,11 +146,55 @@ def build(m: Method, data: str) -> Tuple[nn.Module, nn.Module, int]:
     """``(G, D, z_dim)`` for method ``m`` on ``data`` (seed the RNG before calling)."""
     k = kind(data)
     z_dim = Z_DIM[k]
+    if m.attention:
+        from .. import spectral_norm
+        if k != "digits":
+            raise ValueError(f"method {m.name} (self-attention) needs image data, got {data!r}")
+        return (models.sagan_digits_generator(z_dim, norm=spectral_norm),
+                models.sagan_digits_discriminator(norm=spectral_norm), z_dim)
     if k == "2d":
         G, D = _mlp_generator(z_dim), _mlp_discriminator(m.spectral_norm)
     else:
         G, D = _digits_generator(z_dim), _digits_discriminator(m.spectral_norm)
     return G, D, z_dim
+
+
+class TFRMSprop(torch.optim.Optimizer):
+    """TensorFlow 1's ``RMSPropOptimizer`` (no momentum, not centred), the optimizer of
+    the official toy script's clipping baseline: ``ms = decay ms + (1 - decay) g^2`` with
+    ``ms`` started at 1, ``p -= lr g / sqrt(ms + epsilon)``. torch's RMSprop differs in
+    all three (alpha 0.99, epsilon outside the root, accumulator started at 0, which
+    makes its first step ``10 lr sign(g)``)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, decay: float = 0.9,
+                 eps: float = 1e-10) -> None:
+        super().__init__(params, dict(lr=lr, decay=decay, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["ms"] = torch.ones_like(p)
+                ms = state["ms"]
+                ms.mul_(group["decay"]).addcmul_(p.grad, p.grad, value=1 - group["decay"])
+                p.addcdiv_(p.grad, (ms + group["eps"]).sqrt_(), value=-group["lr"])
+        return None
+
+
+def make_optimizer(m: Method, params, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """The optimizer of method ``m`` for ``params`` (learning rate ``lr``, default ``m.lr``)."""
+    lr = m.lr if lr is None else lr
+    if m.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if m.optimizer == "rmsprop-tf":
+        return TFRMSprop(params, lr=lr)
+    if m.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=m.betas)
+    raise ValueError(f"optimizer must be adam, rmsprop or rmsprop-tf, got {m.optimizer!r}")
 
 
 # ------------------------------------------------------------------ one training step
@@ -176,18 +231,17 @@ class Trainer:
         elif m.wrap == "gran":
             self.d_model = self.g_model = lnn.GraN(self.D, tau=m.gran_tau, eps=m.gran_eps,
                                                    method=self.method)
-        else:
+        elif m.wrap is None:
             self.d_model = self.g_model = self.D
-        self.opt_d, self.opt_g = (self._optimizer(self.D), self._optimizer(self.G))
+        else:
+            raise ValueError(f"Trainer: wrap must be None, 'gn' or 'gran', got {m.wrap!r}")
+        self.group_g = lnn.SpectralNormGroup(self.G) if m.attention else None
+        self.opt_d = make_optimizer(m, self.D.parameters())
+        self.opt_g = make_optimizer(m, self.G.parameters(), m.lr_g)
         self._d_loss, self._g_loss = self.d_loss, self.g_loss
         if self.compile:
             self._d_loss = torch.compile(self.d_loss, fullgraph=True)
             self._g_loss = torch.compile(self.g_loss, fullgraph=True)
-
-    def _optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
-        if self.m.optimizer == "rmsprop":
-            return torch.optim.RMSprop(net.parameters(), lr=self.m.lr)
-        return torch.optim.Adam(net.parameters(), lr=self.m.lr, betas=self.m.betas)
 
     def z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.z_dim, dtype=self.dtype)
@@ -209,26 +263,30 @@ class Trainer:
         """The generator's loss for latents ``z`` (call with D's weights frozen)."""
         return self.m.loss.g(self.g_model(self.G(z)).reshape(-1))
 
+    def d_step(self, real: torch.Tensor, fake: Optional[torch.Tensor] = None) -> float:
+        """One discriminator step on ``real`` against ``fake`` (drawn from G when None),
+        then the weight clipping of the method; returns the D loss."""
+        m = self.m
+        b = real.shape[0]
+        if fake is None:
+            with torch.no_grad():
+                fake = self.G(self.z(b))
+        # Drawn here, in the order of the eager code, so compiled and eager runs
+        # consume the random stream alike.
+        alpha = (torch.rand(b, dtype=real.dtype, device=real.device)
+                 if m.gp_weight is not None else None)
+        d_loss = self._d_loss(real, fake, alpha)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        if m.clip is not None:
+            clip_weights_(self.D, m.clip)
+        return float(d_loss.detach())
+
     def step(self, real_batches: List[torch.Tensor]) -> Tuple[float, float]:
         """One generator step after ``len(real_batches) == n_critic`` D steps;
         returns ``(mean D loss, G loss)``."""
-        m = self.m
-        d_losses = []
-        for real in real_batches:
-            b = real.shape[0]
-            with torch.no_grad():
-                fake = self.G(self.z(b))
-            # Drawn here, in the order of the eager code, so compiled and eager runs
-            # consume the random stream alike.
-            alpha = (torch.rand(b, dtype=real.dtype, device=real.device)
-                     if m.gp_weight is not None else None)
-            d_loss = self._d_loss(real, fake, alpha)
-            self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.opt_d.step()
-            if m.clip is not None:
-                clip_weights_(self.D, m.clip)
-            d_losses.append(float(d_loss.detach()))
+        d_losses = [self.d_step(real) for real in real_batches]
         # Generator step: D's weights are constants here.
         self.D.requires_grad_(False)
         try:
@@ -240,10 +298,58 @@ class Trainer:
             self.D.requires_grad_(True)
         return sum(d_losses) / len(d_losses), float(g_loss.detach())
 
+    def diagnose(self, real: torch.Tensor, n: int = 256) -> Dict[str, float]:
+        """Medians, over ``real`` and as many fakes, of the raw discriminator's output
+        ``f``, its input-gradient norm ``n`` and the output ``out`` the loss sees (GN /
+        GraN's normalized value, else ``f``): how the discriminator separates the data.
+        D's buffers are put back, so this does not change the run."""
+        from ..nn._grad import input_gradient
+        saved = {k: v.clone() for k, v in self.D.named_buffers()}
+        with torch.no_grad():
+            fake = self.G(self.z(min(n, real.shape[0])))
+        out: Dict[str, float] = {}
+        for name, x in (("real", real[:n]), ("fake", fake)):
+            f, g = input_gradient(self.D, x, create_graph=False)
+            with torch.no_grad():
+                o = self.d_model(x).reshape(-1) if self.m.wrap is not None else f.reshape(-1)
+            out[f"f_{name}"] = float(f.detach().reshape(-1).median())
+            out[f"n_{name}"] = float(g.flatten(1).norm(dim=1).median())
+            out[f"out_{name}"] = float(o.detach().median())
+        for k, v in self.D.named_buffers():
+            v.copy_(saved[k])
+        return out
+
+    def state_dict(self) -> dict:
+        return trainer_state(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_trainer_state(self, state)
+
     @torch.no_grad()
     def sample(self, n: int, chunk: int = 2500) -> torch.Tensor:
+        """``n`` samples of G as it trains (training mode); G's buffers (spectral norm's
+        u, v, running statistics) are put back afterwards, so measuring a run does not
+        change it."""
+        saved = {k: v.clone() for k, v in self.G.named_buffers()}
         out = [self.G(self.z(min(chunk, n - i))) for i in range(0, n, chunk)]
+        for k, v in self.G.named_buffers():
+            v.copy_(saved[k])
         return torch.cat(out)
+
+
+def trainer_state(t) -> dict:
+    """G, D (with spectral norm's u, v and any running statistics) and both optimizers
+    of a trainer (this module's or its plain twin): what a resumed run needs besides
+    the random streams."""
+    return {"G": t.G.state_dict(), "D": t.D.state_dict(),
+            "opt_g": t.opt_g.state_dict(), "opt_d": t.opt_d.state_dict()}
+
+
+def load_trainer_state(t, state: dict) -> None:
+    t.G.load_state_dict(state["G"])
+    t.D.load_state_dict(state["D"])
+    t.opt_g.load_state_dict(state["opt_g"])
+    t.opt_d.load_state_dict(state["opt_d"])
 
 
 METHOD_NAMES: List[str] = list(METHODS)

@@ -10,6 +10,13 @@
   samples (``sum p_k log(K p_k)``, in nats, 0 for a perfectly balanced histogram,
   ``log K`` when every sample goes to one mode).
 
+The WGAN-GP toy sets: ``8gaussians`` and ``25gaussians`` as the mixtures above (their
+centres and sigma in the scaled coordinates). ``swissroll`` has no modes: its range of
+``t`` is cut into 20 equal segments (1/20 of the data each); a sample belongs to the
+segment of its nearest point on the noiseless curve and is *high quality* within
+``3 sigma`` of the curve; a segment is covered with at least 20 high-quality samples;
+``kl`` is over the segment histogram. The same three numbers, read the same way.
+
 Digits: a small CNN classifier is trained once on a fixed 80% of the digits (its
 held-out accuracy on the other 20% is reported). Over ``N`` generated images:
 
@@ -32,30 +39,54 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Mixture, digits, digits_split
+from .data import Mixture, SwissRoll, digits, digits_split
 
 N_SAMPLES = 2500
 MODE_THRESHOLD = 20
 
 
+def _points(samples: torch.Tensor, who: str):
+    x = samples.detach().to(torch.float64).cpu()
+    if x.dim() != 2 or x.shape[1] != 2:
+        raise ValueError(f"{who}: samples must have shape (N, 2), got {tuple(x.shape)}")
+    finite = torch.isfinite(x).all(dim=1)
+    return torch.where(finite[:, None], x, torch.zeros_like(x)), finite
+
+
 def mixture_metrics(samples: torch.Tensor, mix: Mixture, threshold: int = MODE_THRESHOLD
                     ) -> Dict[str, float]:
     """``modes`` covered, ``hq`` (% high-quality samples), ``kl`` (nats)."""
-    x = samples.detach().to(torch.float64).cpu()
-    if x.dim() != 2 or x.shape[1] != 2:
-        raise ValueError(f"mixture_metrics: samples must have shape (N, 2), got {tuple(x.shape)}")
-    finite = torch.isfinite(x).all(dim=1)
-    d = torch.cdist(torch.where(finite[:, None], x, torch.zeros_like(x)), mix.centers)
-    dist, nearest = d.min(dim=1)
-    hq = finite & (dist <= 3 * mix.sigma)
-    k = len(mix.centers)
+    x, finite = _points(samples, "mixture_metrics")
+    dist, nearest = torch.cdist(x, mix.centers).min(dim=1)
+    return _mode_metrics(finite, dist <= 3 * mix.sigma, nearest, len(mix.centers), threshold)
+
+
+CURVE_POINTS = 4000
+
+
+def swissroll_metrics(samples: torch.Tensor, roll: SwissRoll = SwissRoll(),
+                      threshold: int = MODE_THRESHOLD) -> Dict[str, float]:
+    """``modes`` (segments of the roll covered), ``hq`` (% within ``3 sigma`` of the
+    curve), ``kl`` over the segments (module docstring)."""
+    x, finite = _points(samples, "swissroll_metrics")
+    t = torch.linspace(1.5 * math.pi, 4.5 * math.pi, CURVE_POINTS, dtype=torch.float64)
+    dist, nearest = torch.cdist(x, roll.curve(t)).min(dim=1)
+    segment = torch.div(nearest * roll.segments, CURVE_POINTS, rounding_mode="floor")
+    return _mode_metrics(finite, dist <= 3 * roll.sigma, segment, roll.segments, threshold)
+
+
+def _mode_metrics(finite: torch.Tensor, close: torch.Tensor, nearest: torch.Tensor, k: int,
+                  threshold: int) -> Dict[str, float]:
+    """The three numbers from each sample's finiteness, closeness (high quality) and
+    nearest mode index (of ``k``)."""
+    hq = finite & close
     counts_hq = torch.bincount(nearest[hq], minlength=k)
     counts = torch.bincount(nearest[finite], minlength=k).double()
     n = max(int(finite.sum()), 1)
     p = counts / n
     kl = float((p[p > 0] * torch.log(p[p > 0] * k)).sum()) if finite.any() else math.log(k)
     return {"modes": int((counts_hq >= threshold).sum()),
-            "hq": 100.0 * float(hq.sum()) / len(x),
+            "hq": 100.0 * float(hq.sum()) / max(len(finite), 1),
             "kl": kl}
 
 
@@ -166,8 +197,13 @@ def metric_names(data: str):
 
 
 def evaluate(data: str, samples: torch.Tensor, evaluator: Optional[DigitsEvaluator] = None,
-             mix: Optional[Mixture] = None) -> Dict[str, float]:
+             mix=None) -> Dict[str, float]:
+    """The metrics of ``samples`` of data set ``data`` (``mix``: its
+    :func:`~lipkernels.train.data.target`, looked up when None)."""
     if data == "digits":
         return (evaluator or digits_evaluator())(samples)
-    from .data import mixture
-    return mixture_metrics(samples, mix or mixture(data))
+    from .data import target
+    mix = mix or target(data)
+    if isinstance(mix, SwissRoll):
+        return swissroll_metrics(samples, mix)
+    return mixture_metrics(samples, mix)

@@ -7,6 +7,7 @@ report (method x data -> metrics, mean ± std over seeds).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -22,74 +23,184 @@ from .._version import __version__
 from . import data as data_mod
 from . import methods as methods_mod
 from . import metrics as metrics_mod
+from . import protocols as protocols_mod
 
-#: Generator steps of a suite run (each after ``n_critic`` D steps), batch sizes, and how
-#: often the metrics are measured. Sized so that ``--suite`` (8 methods x 3 data x 3
-#: seeds) finishes in under 30 minutes on two idle CPU cores.
-STEPS = {"ring8": 2000, "grid25": 2000, "digits": 400}
-BATCH = {"ring8": 128, "grid25": 128, "digits": 64}
+#: How often the metrics are measured (EVALS times a run) and a run checkpoints; the
+#: budgets and batch sizes are each protocol's (protocols.py).
 EVALS = 10
+CHECKPOINT_EVERY = 500
+DIAGNOSE_SAMPLES = 256
 QUICK_STEPS = 3
 QUICK_DIGITS_EVAL = 256
-SEEDS = (0, 1, 2)
 CLASSIFIER_EPOCHS = 30
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _config(method, data, seed, batch, dtype, protocol) -> dict:
+    """What a checkpoint must agree on to be continued by a run."""
+    return {"method": method, "data": data, "seed": seed, "batch": batch,
+            "dtype": str(dtype).replace("torch.", ""), "protocol": protocol}
+
+
+class Progress:
+    """One line on a terminal (stderr), rewritten at most every ``every`` seconds:
+    the run, its step / steps, elapsed time, ETA and its latest metrics. Silent off a
+    terminal unless ``force``."""
+
+    def __init__(self, label: str, total: int, every: float = 2.0, force: bool = False) -> None:
+        import sys
+        self.label, self.total, self.every = label, total, every
+        self.stream = sys.stderr
+        self.on = force or self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last = -math.inf
+        self.note = ""
+
+    def __call__(self, step: int, first: int) -> None:
+        now = time.perf_counter()
+        if not self.on or (now - self.last < self.every and step != self.total):
+            return
+        self.last = now
+        done = step - first + 1
+        eta = (now - self.t0) / done * (self.total - step) if done > 0 else 0.0
+        self.stream.write(f"\r{self.label}: step {step}/{self.total}, {now - self.t0:.0f} s, "
+                          f"ETA {eta:.0f} s{self.note}\x1b[K")
+        if step == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 def train_run(method: str, data: str, steps: int, seed: int = 0, backend: str = "auto",
               dtype: torch.dtype = torch.float32, batch: Optional[int] = None,
               eval_every: Optional[int] = None, evaluator=None, keep_trainer: bool = False,
               n_eval: Optional[int] = None, grad_method: str = "auto",
-              compile: bool = False) -> dict:
+              compile: bool = False, protocol: Optional[str] = None,
+              checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+              progress: bool = False, overrides: Optional[dict] = None,
+              diagnose: bool = False, impl: str = "lipkernels") -> dict:
     """One run: ``steps`` generator steps of ``method`` on ``data`` from ``seed`` with the
-    lipkernels backend ``backend``. Returns losses per step, metrics every
-    ``eval_every`` steps and at the end (over ``n_eval`` samples: default 2,500 for the
-    2-D data, 1,797 for digits), and the wall time per step (metrics excluded);
-    with ``keep_trainer`` also the :class:`~lipkernels.train.methods.Trainer`.
-    ``grad_method`` and ``compile``: the Trainer's ``method`` and ``compile``."""
-    m = methods_mod.method(method)
+    lipkernels backend ``backend``, under ``protocol`` (default: the protocol that holds
+    ``data``). Returns losses per step, metrics every ``eval_every`` steps and at the end
+    (over ``n_eval`` samples: default 2,500 for the 2-D data, 1,797 for digits), and the
+    wall time per step (metrics excluded); with ``keep_trainer`` also the
+    :class:`~lipkernels.train.methods.Trainer`. ``grad_method`` and ``compile``: the
+    Trainer's ``method`` and ``compile``.
+
+    ``checkpoint``: a file the run's whole state (networks, optimizers, the random
+    streams, the data position, losses and metrics so far) is saved to every
+    ``checkpoint_every`` steps and at the end; when it exists, the run continues from
+    it (the same run: its settings must match) up to ``steps``, and gives what an
+    uninterrupted run gives.
+
+    ``overrides``: Method fields to change (``{"gran_eps": 1e-8}``: a deliberate change
+    of the method's setting, recorded in the result). ``diagnose``: at every evaluation
+    also :meth:`Trainer.diagnose` on a fixed draw of real data (key ``"d"``).
+
+    ``impl="plain"``: train the plain-PyTorch twin instead (``plain.PlainTrainer``: torch's
+    spectral norm, the papers' formulas written out, nothing of lipkernels), from the
+    same initial networks and random draws."""
+    p, m = protocols_mod.find(method, data, protocol)
+    if overrides:
+        m = dataclasses.replace(m, **overrides)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    batch = batch or BATCH[data]
+    batch = batch or p.batch[data]
     sampler = data_mod.Sampler(data, seed, dtype)
     if data == "digits" and evaluator is None:
         evaluator = metrics_mod.digits_evaluator(CLASSIFIER_EPOCHS)
-    mix = sampler.mixture
+    mix = sampler.target
     torch.manual_seed(seed)
-    G, D, z_dim = methods_mod.build(m, data)
+    G, D, z_dim = p.build(m, data)
     trainer = methods_mod.Trainer(m, G, D, z_dim, dtype, method=grad_method, compile=compile)
+    if impl == "plain":
+        from .plain import PlainTrainer
+        trainer = PlainTrainer.twin_of(trainer)
+        diagnose = False
+    elif impl != "lipkernels":
+        raise ValueError(f"impl must be 'lipkernels' or 'plain', got {impl!r}")
     n_eval = n_eval or (metrics_mod.N_SAMPLES if data != "digits" else len(sampler.images))
-    d_losses: List[float] = []
-    g_losses: List[float] = []
-    curve: List[dict] = []
-    train_time = 0.0
+    config = _config(method, data, seed, batch, dtype, p.name)
+    if impl != "lipkernels":
+        config["impl"] = impl
+    if overrides:
+        config["overrides"] = dict(overrides)
+    diag_data = data_mod.Sampler(data, seed + 777, dtype)
+    log = {"d_loss": [], "g_loss": [], "curve": [], "train_time": 0.0}
+    first = 1
+    if checkpoint and os.path.exists(checkpoint):
+        ck = torch.load(checkpoint, weights_only=False)
+        if ck["config"] != config:
+            raise ValueError(f"checkpoint {checkpoint} is of another run: {ck['config']} "
+                             f"(this one: {config})")
+        if ck["step"] > steps:
+            raise ValueError(f"checkpoint {checkpoint} is at step {ck['step']}, beyond the "
+                             f"{steps} steps asked for")
+        methods_mod.load_trainer_state(trainer, ck["trainer"])
+        sampler.load_state_dict(ck["sampler"])
+        torch.set_rng_state(ck["rng"])
+        log = ck["log"]
+        first = ck["step"] + 1
+        # The end-of-run measurement of a run now continued is off the schedule: dropped,
+        # so a continued run gives what an uninterrupted one gives.
+        log["curve"] = [c for c in log["curve"]
+                        if c["step"] != ck["step"] or (eval_every and c["step"] % eval_every == 0)]
+    curve = log["curve"]
 
     def measure(step: int) -> dict:
         with torch.random.fork_rng():
             torch.manual_seed(1_000_000 + seed)
             samples = trainer.sample(n_eval)
-        return {"step": step, **metrics_mod.evaluate(data, samples, evaluator, mix)}
+        if data != "digits":   # kept in the checkpoint: other metrics can be computed later
+            log.setdefault("eval_samples", {})[step] = samples.detach().float().cpu()
+        point = {"step": step, **metrics_mod.evaluate(data, samples, evaluator, mix)}
+        if diagnose:
+            with torch.random.fork_rng():
+                torch.manual_seed(3_000_000 + seed)
+                reals = diag_data(DIAGNOSE_SAMPLES)
+                point["d"] = trainer.diagnose(reals, DIAGNOSE_SAMPLES)
+        return point
 
+    def save(step: int) -> None:
+        tmp = checkpoint + ".tmp"
+        torch.save({"config": config, "step": step, "trainer": methods_mod.trainer_state(trainer),
+                    "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "log": log},
+                   tmp)
+        os.replace(tmp, checkpoint)
+
+    show = Progress(f"{method} {data} seed {seed}", steps, force=False) if progress else None
     with use_backend(backend):
-        for step in range(1, steps + 1):
+        for step in range(first, steps + 1):
             reals = [sampler(batch) for _ in range(m.n_critic)]
             t0 = time.perf_counter()
             d_loss, g_loss = trainer.step(reals)
-            train_time += time.perf_counter() - t0
-            d_losses.append(d_loss)
-            g_losses.append(g_loss)
+            log["train_time"] += time.perf_counter() - t0
+            log["d_loss"].append(d_loss)
+            log["g_loss"].append(g_loss)
             if eval_every and step % eval_every == 0 and step != steps:
                 curve.append(measure(step))
-        curve.append(measure(steps))
+                if show:
+                    show.note = ", " + ", ".join(f"{k} {v:.3g}" for k, v in curve[-1].items()
+                                                 if k not in ("step", "d"))
+            if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step != steps:
+                save(step)
+            if show:
+                show(step, first)
+        if not curve or curve[-1]["step"] != steps:
+            curve.append(measure(steps))
+        if checkpoint:
+            save(steps)
         with torch.random.fork_rng():
             torch.manual_seed(2_000_000 + seed)
             samples = trainer.sample(metrics_mod.N_SAMPLES if data != "digits" else 64)
+    d_losses, g_losses = log["d_loss"], log["g_loss"]
     out = {
         "method": method, "data": data, "seed": seed, "steps": steps, "batch": batch,
-        "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-        "n_critic": m.n_critic, "d_loss": d_losses, "g_loss": g_losses,
-        "curve": curve, "final": {k: v for k, v in curve[-1].items() if k != "step"},
-        "seconds_per_step": train_time / steps,
+        "protocol": p.name, "backend": backend, "dtype": config["dtype"], "impl": impl,
+        "n_critic": m.n_critic, "overrides": dict(overrides or {}),
+        "d_loss": d_losses, "g_loss": g_losses,
+        "curve": curve,
+        "final": {k: v for k, v in curve[-1].items() if k not in ("step", "d")},
+        "seconds_per_step": log["train_time"] / max(len(log["d_loss"]), 1),
         "finite": all(math.isfinite(x) for x in d_losses + g_losses),
         "samples": samples.detach().float().cpu(),
     }
@@ -138,7 +249,7 @@ def summarize(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
     """``{data: {method: {metric: [mean, std], "ms_per_step": [mean, std], ...}}}``."""
     table: Dict[str, Dict[str, dict]] = {}
     for r in runs:
-        table.setdefault(r["data"], {}).setdefault(r["method"], []).append(r)
+        table.setdefault(r["data"], {}).setdefault(label(r), []).append(r)
     out: Dict[str, Dict[str, dict]] = {}
     for d, by_m in table.items():
         out[d] = {}
@@ -164,6 +275,17 @@ HEADERS = {"modes": ("modes", 1), "hq": ("HQ %", 1), "kl": ("KL", 2),
            "fdd": ("FDD", 2), "classes": ("classes", 1), "entropy": ("entropy (bits)", 2)}
 
 
+def label(r: dict) -> str:
+    """A run's row in the tables: its method, marked ``(plain)`` for the plain twin."""
+    return r["method"] + (" (plain)" if r.get("impl", "lipkernels") == "plain" else "")
+
+
+def _method_order(results: dict) -> List[str]:
+    p = protocols_mod.PROTOCOLS.get(results.get("protocol", "small"))
+    names = list(p.methods) if p else list(results["methods"])
+    return [x for n in names for x in (n, n + " (plain)")]
+
+
 def markdown(results: dict, picture: Optional[str] = None) -> str:
     """The report: one table per data set (method -> metrics, ms per step), mean ± std."""
     meta, summ = results["meta"], results["summary"]
@@ -171,21 +293,29 @@ def markdown(results: dict, picture: Optional[str] = None) -> str:
              f"backend {meta['backend_requested']}, {meta['cpu']} ({meta['cpu_count']} CPUs visible, "
              f"{meta['torch_threads']} torch threads), {meta['date']}; seeds "
              f"{', '.join(map(str, results['seeds']))}; mean ± std over seeds.", ""]
+    if results.get("protocol", "small") != "small":
+        lines[0] = f"Protocol **{results['protocol']}** ({results['protocol_source']}). " + lines[0]
+    if results.get("overrides"):
+        lines.insert(1, "Settings changed on the command line (not the methods' defaults): "
+                     + ", ".join(f"{k} = {v:g}" for k, v in results["overrides"].items()) + ".")
     ev = results.get("digits_classifier")
     for d in [x for x in data_mod.DATASETS if x in summ]:
         steps = results["steps"][d]
         names = metrics_mod.metric_names(d)
         head = ["method"] + [HEADERS[n][0] for n in names] + ["ms / G step", "diverged"]
-        if d in data_mod.MIXTURES:
-            k = len(data_mod.mixture(d).centers)
-            title = (f"**{d}** ({k} modes, sigma {data_mod.mixture(d).sigma}; {steps} generator "
-                     f"steps, batch {BATCH[d]}; metrics over {metrics_mod.N_SAMPLES} samples)")
+        batch = results["batch"][d]
+        if d != "digits":
+            t = data_mod.target(d)
+            what = (f"{t.segments} segments" if isinstance(t, data_mod.SwissRoll)
+                    else f"{len(t.centers)} modes")
+            title = (f"**{d}** ({what}, sigma {t.sigma:.3g}; {steps} generator "
+                     f"steps, batch {batch}; metrics over {metrics_mod.N_SAMPLES} samples)")
         else:
-            title = (f"**digits** (16x16; {steps} generator steps, batch {BATCH[d]}; classifier "
+            title = (f"**digits** (16x16; {steps} generator steps, batch {batch}; classifier "
                      f"held-out accuracy {100 * ev['accuracy']:.1f}%, FDD of held-out real digits "
                      f"{ev['real_floor']:.2f})" if ev else f"**digits** ({steps} generator steps)")
         lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for meth in [x for x in methods_mod.METHOD_NAMES if x in summ[d]]:
+        for meth in [x for x in _method_order(results) if x in summ[d]]:
             c = summ[d][meth]
             cells = [meth] + [_fmt(c[n], HEADERS[n][1]) for n in names]
             cells += [_fmt(c["ms_per_step"], 1), f"{c['diverged']}/{len(c['seeds'])}"]
@@ -210,10 +340,10 @@ def _plot(results: dict, runs: List[dict], stem: str) -> List[str]:
     except ImportError:
         return []
     datas = [d for d in data_mod.DATASETS if any(r["data"] == d for r in runs)]
-    meths = [m for m in methods_mod.METHOD_NAMES if any(r["method"] == m for r in runs)]
+    meths = [m for m in _method_order(results) if any(label(r) == m for r in runs)]
     first = {}
     for r in runs:
-        first.setdefault((r["method"], r["data"]), r)
+        first.setdefault((label(r), r["data"]), r)
     paths = []
     # Samples: rows = methods, columns = data sets (the lowest seed of each pair).
     fig, axes = plt.subplots(len(meths), len(datas), figsize=(2.4 * len(datas), 2.4 * len(meths)),
@@ -231,13 +361,13 @@ def _plot(results: dict, runs: List[dict], stem: str) -> List[str]:
             if r is None:
                 continue
             s = r["samples"]
-            if d in data_mod.MIXTURES:
-                mix = data_mod.mixture(d)
+            if d != "digits":
+                mix = data_mod.target(d)
                 real = mix.sample(2500, torch.Generator().manual_seed(0), torch.float64)
                 ax.scatter(real[:, 0], real[:, 1], s=1, c="0.75")
                 s = s[torch.isfinite(s).all(1)]
                 ax.scatter(s[:, 0], s[:, 1], s=1, c="C3", alpha=0.5)
-                lim = 1.5 if d == "ring8" else 5.5
+                lim = {"ring8": 1.5, "grid25": 5.5}.get(d, 2.2)
                 ax.set_xlim(-lim, lim)
                 ax.set_ylim(-lim, lim)
             else:
@@ -253,7 +383,7 @@ def _plot(results: dict, runs: List[dict], stem: str) -> List[str]:
     for j, d in enumerate(datas):
         key = metrics_mod.metric_names(d)[0]
         for meth in meths:
-            rs = [r for r in runs if r["method"] == meth and r["data"] == d]
+            rs = [r for r in runs if label(r) == meth and r["data"] == d]
             if not rs:
                 continue
             r = rs[0]
@@ -297,34 +427,109 @@ def _worker_init(threads: int) -> None:
 
 
 def _run_task(task: dict, evaluator) -> dict:
+    """One task of a command line; its record is left beside its checkpoint."""
     t0 = time.perf_counter()
     r = train_run(evaluator=evaluator if task["data"] == "digits" else None, **task)
     r["run_seconds"] = time.perf_counter() - t0
+    if task.get("checkpoint"):
+        record = task["checkpoint"][:-len(".ckpt")] + ".run.pt"
+        torch.save(r, record + ".tmp")
+        os.replace(record + ".tmp", record)
     return r
 
 
 def _report(r: dict) -> dict:
     fin = ", ".join(f"{k} {v:.3g}" for k, v in r["final"].items())
-    print(f"{r['method']:>9} {r['data']:>7} seed {r['seed']}: {fin}; "
+    print(f"{label(r):>17} {r['data']:>11} seed {r['seed']}: {fin}; "
           f"{1e3 * r['seconds_per_step']:.1f} ms/step, {r['run_seconds']:.1f} s"
           f"{'' if r['finite'] else ' (non-finite loss)'}", flush=True)
     return r
 
 
-def main(args) -> int:
-    datas = list(data_mod.DATASETS) if (args.suite or args.data == "all") else [args.data]
-    meths = list(methods_mod.METHOD_NAMES) if (args.suite or args.method == "all") else [args.method]
-    for d in datas:
-        if d not in data_mod.DATASETS:
-            raise SystemExit(f"lipkernels train: --data must be one of {', '.join(data_mod.DATASETS)} or all")
-    for m in meths:
-        methods_mod.method(m)
+def _fail(msg: str):
+    raise SystemExit(f"lipkernels train: {msg}")
+
+
+def plan(args) -> tuple:
+    """``(protocol, tasks, seeds, steps)`` of a command line, or a clear error for a
+    method, data set or protocol that do not belong together."""
+    try:
+        p = protocols_mod.protocol(getattr(args, "protocol", None) or "small")
+    except ValueError as e:
+        _fail(str(e))
+    datas = list(p.datasets) if (args.suite or args.data == "all") else [args.data or p.datasets[0]]
+    meths = (list(p.methods) if (args.suite or args.method == "all")
+             else [args.method or p.default_method])
+    try:
+        for d in datas:
+            p.check_data(d)
+        for m in meths:
+            p.method(m)
+        if len(datas) == 1 and len(meths) == 1:
+            p.check(meths[0], datas[0])
+    except ValueError as e:
+        others = [q.name for q in protocols_mod.PROTOCOLS.values()
+                  if q is not p and all(d in q.datasets for d in datas)
+                  and (args.method is None or all(m in q.methods for m in meths))]
+        _fail(str(e) + (f"; it is in --protocol {others[0]}" if others else ""))
     if args.seed is not None:
-        seeds = [args.seed]
+        try:
+            seeds = [int(x) for x in str(args.seed).split(",")]
+        except ValueError:
+            _fail(f"--seed must be an integer or a comma-separated list, got {args.seed!r}")
     else:
-        seeds = [0] if args.quick else (list(SEEDS) if args.suite else [0])
-    steps = {d: args.steps or (QUICK_STEPS if args.quick else STEPS[d]) for d in datas}
+        seeds = [p.seeds[0]] if args.quick else (list(p.seeds) if args.suite else [p.seeds[0]])
+    budget = p.steps
+    if getattr(args, "long", False):
+        if p.long_steps is None:
+            _fail(f"the {p.name} protocol has no --long budget")
+        budget = p.long_steps
+    steps = {d: args.steps or (QUICK_STEPS if args.quick else budget[d]) for d in datas}
     dtype = DTYPES[args.dtype]
+    every = getattr(args, "eval_every", None)
+    which = getattr(args, "impl", "lipkernels") or "lipkernels"
+    impls = ["lipkernels", "plain"] if which == "both" else [which]
+    tasks = [dict(method=m, data=d, steps=steps[d], seed=seed, backend=args.backend, dtype=dtype,
+                  protocol=p.name, eval_every=every or max(1, steps[d] // EVALS),
+                  grad_method=getattr(args, "grad_method", "auto"),
+                  compile=getattr(args, "compile", False),
+                  n_eval=QUICK_DIGITS_EVAL if (args.quick and d == "digits") else None,
+                  overrides=_overrides(args), diagnose=getattr(args, "diagnose", False),
+                  impl=impl)
+             for m, d in p.pairs(meths, datas) for impl in impls for seed in seeds]
+    return p, tasks, seeds, steps
+
+
+def _overrides(args) -> dict:
+    """The method settings changed on the command line (``--gran-eps``, ``--gran-tau``)."""
+    out = {}
+    for flag, field in (("gran_eps", "gran_eps"), ("gran_tau", "gran_tau")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            if not v > 0:
+                _fail(f"--{flag.replace('_', '-')} must be > 0, got {v}")
+            out[field] = v
+    return out
+
+
+def _task_files(task: dict, folder: str):
+    extra = "".join(f"-{k}{v:g}" for k, v in sorted((task.get("overrides") or {}).items()))
+    if task.get("impl", "lipkernels") != "lipkernels":
+        extra += "-" + task["impl"]
+    key = f"{task['protocol']}-{task['method']}-{task['data']}-seed{task['seed']}{extra}"
+    return os.path.join(folder, key + ".ckpt"), os.path.join(folder, key + ".run.pt")
+
+
+def _cost(p, task: dict) -> float:
+    m = p.method(task["method"])
+    double = m.gp_weight is not None or m.wrap is not None
+    return task["steps"] * (m.n_critic + 1) * (2 if double else 1) * (20 if task["data"] == "digits" else 1)
+
+
+def main(args) -> int:
+    p, tasks, seeds, steps = plan(args)
+    datas = list(steps)
+    meths = list(dict.fromkeys(t["method"] for t in tasks))
     # One thread by default: these networks are too small for more to help, and the
     # suite's timing is meant for a shared machine.
     torch.set_num_threads(args.threads or 1)
@@ -338,50 +543,61 @@ def main(args) -> int:
         print(f"digits classifier: held-out accuracy {100 * evaluator.accuracy:.1f}% "
               f"({time.perf_counter() - t0:.1f} s); FDD of held-out real digits "
               f"{evaluator.real_floor:.2f}", flush=True)
-    tasks = [dict(method=m, data=d, steps=steps[d], seed=seed, backend=args.backend, dtype=dtype,
-                  eval_every=max(1, steps[d] // EVALS),
-                  grad_method=getattr(args, "grad_method", "auto"),
-                  compile=getattr(args, "compile", False),
-                  n_eval=QUICK_DIGITS_EVAL if (args.quick and d == "digits") else None)
-             for d in datas for m in meths for seed in seeds]
+    # Every run checkpoints into DIR/runs/ and leaves its record there when it ends:
+    # --resume continues the unfinished runs and reuses the finished ones.
+    folder = os.path.join(args.out, "runs")
+    os.makedirs(folder, exist_ok=True)
+    every = getattr(args, "checkpoint_every", None)
+    runs_done: Dict[int, dict] = {}
+    for i, task in enumerate(tasks):
+        ckpt, record = _task_files(task, folder)
+        task.update(checkpoint=ckpt, checkpoint_every=every if every is not None else CHECKPOINT_EVERY)
+        if getattr(args, "resume", False):
+            if os.path.exists(record):
+                r = torch.load(record, weights_only=False)
+                if r["steps"] == task["steps"]:
+                    runs_done[i] = r
+                    print(f"{task['method']:>9} {task['data']:>11} seed {task['seed']}: "
+                          f"finished earlier ({r['steps']} steps), reused", flush=True)
+        else:
+            for f in (ckpt, record):
+                if os.path.exists(f):
+                    os.remove(f)
+    todo = [i for i in range(len(tasks)) if i not in runs_done]
     jobs = max(1, args.jobs or 1)
-    runs: List[dict] = []
-    if jobs == 1 or len(tasks) == 1:
-        for task in tasks:
-            runs.append(_report(_run_task(task, evaluator)))
+    if jobs == 1 or len(todo) <= 1:
+        for i in todo:
+            runs_done[i] = _report(_run_task(dict(tasks[i], progress=True), evaluator))
     else:
         import concurrent.futures
         import multiprocessing
-        # Longest first (digits, then the methods with 5 critic steps) for load balance.
-        order = sorted(range(len(tasks)), key=lambda i: (tasks[i]["data"] != "digits",
-                                                           -methods_mod.method(tasks[i]["method"]).n_critic))
-        done: Dict[int, dict] = {}
+        # Longest first for load balance (a rough cost: D steps, double for a penalty or
+        # a normalization's double backward, 20 times for digits).
+        order = sorted(todo, key=lambda i: -_cost(p, tasks[i]))
         with concurrent.futures.ProcessPoolExecutor(
                 jobs, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_init, initargs=(args.threads or 1,)) as pool:
             futures = {pool.submit(_run_task, tasks[i], evaluator): i for i in order}
             for fut in concurrent.futures.as_completed(futures):
-                done[futures[fut]] = _report(fut.result())
-        runs = [done[i] for i in range(len(tasks))]
+                runs_done[futures[fut]] = _report(fut.result())
+    runs = [runs_done[i] for i in range(len(tasks))]
     meta["wall_seconds"] = time.perf_counter() - t_start
     results = {
-        "meta": meta,
-        "seeds": seeds, "steps": steps, "batch": {d: BATCH[d] for d in datas},
+        "meta": meta, "protocol": p.name, "protocol_title": p.title, "protocol_source": p.source,
+        "overrides": _overrides(args),
+        "seeds": seeds, "steps": steps, "batch": {d: p.batch[d] for d in datas},
         "methods": {m: {k: (list(v) if isinstance(v, tuple) else v)
-                        for k, v in methods_mod.method(m).__dict__.items() if k != "loss"}
+                        for k, v in p.method(m).__dict__.items() if k != "loss"}
                     for m in meths},
-        "data": {d: ({"centers": data_mod.mixture(d).centers.tolist(), "sigma": data_mod.mixture(d).sigma}
-                     if d in data_mod.MIXTURES else {"images": 1797, "size": data_mod.IMAGE_SIZE})
-                 for d in datas},
+        "data": {d: _data_info(d) for d in datas},
         "digits_classifier": ({"accuracy": evaluator.accuracy, "real_floor": evaluator.real_floor}
                               if evaluator else None),
         "summary": summarize(runs),
         "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs],
         "total_seconds": time.perf_counter() - t_start,
     }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "train-" + datetime.date.today().isoformat()
-                        + ("-quick" if args.quick else ""))
+    stem = os.path.join(args.out, ("train" if p.name == "small" else p.name) + "-"
+                        + datetime.date.today().isoformat() + ("-quick" if args.quick else ""))
     pngs = [] if args.no_plot else _plot(results, runs, stem)
     md = markdown(results, os.path.basename(pngs[0]) if pngs else None)
     with open(stem + ".json", "w") as f:
@@ -395,6 +611,15 @@ def main(args) -> int:
     if bad:
         print("non-finite losses in:", ", ".join(bad))
     return 0
+
+
+def _data_info(d: str) -> dict:
+    if d == "digits":
+        return {"images": 1797, "size": data_mod.IMAGE_SIZE}
+    t = data_mod.target(d)
+    if isinstance(t, data_mod.SwissRoll):
+        return {"sigma": t.sigma, "segments": t.segments}
+    return {"centers": t.centers.tolist(), "sigma": t.sigma}
 
 
 README_BEGIN, README_END = "<!-- train:results -->", "<!-- /train:results -->"
