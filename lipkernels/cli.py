@@ -261,8 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="generator steps (default: the protocol's budget: small 2000 for the "
                             "2-D data, 400 for digits; wgangp-toy 2000)")
     train.add_argument("--long", action="store_true",
-                       help="the protocol's long budget, of the committed runs (wgangp-toy: 6000 "
-                            "generator steps on 8gaussians, 12000 on 25gaussians, 3000 on swissroll)")
+                       help="the protocol's long budget, of the committed runs (wgangp-toy: wgangp "
+                            "5000 generator steps on 8gaussians, 8000 on 25gaussians, 2000 on "
+                            "swissroll; wgan 2000 on each)")
     train.add_argument("--resume", action="store_true",
                        help="continue the interrupted runs of this command from their checkpoints "
                             "in DIR/runs/ and reuse the finished ones (also: more --steps continue "

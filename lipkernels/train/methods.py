@@ -21,8 +21,8 @@ gngan      GN-GAN (Wu et al. ICCV 2021): BCE on ``lipkernels.nn.GradNorm(D)``, e
 gngan-fo   GN-GAN with the first-order generator step (``GradNorm(D, first_order=True)``
            in the G step only; the D step stays exact); as gngan otherwise
 grand      GraN-GAN discriminator (Bhaskara et al. WACV 2022), GraND: BCE on the logits
-           ``lipkernels.nn.GraN(D, tau=1, eps=1e-4)``; optimizer and steps as gngan
-granc      GraN-GAN critic, GraNC: hinge loss on ``GraN(D, tau=1, eps=1e-4)``; as grand
+           ``lipkernels.nn.GraN(D, tau=1, eps=1e-8)``; optimizer and steps as gngan
+granc      GraN-GAN critic, GraNC: hinge loss on ``GraN(D, tau=1, eps=1e-8)``; as grand
 sagan      SA-GAN (Zhang et al. 2019), digits only: ``models.sagan_digits_generator`` /
            ``sagan_digits_discriminator`` (a self-attention block at 8x8 in each, as the
            official ``non_local.py``), spectral norm on every layer of G and D; hinge loss;
@@ -30,8 +30,12 @@ sagan      SA-GAN (Zhang et al. 2019), digits only: ``models.sagan_digits_genera
 =========  ===================================================================================
 
 GraN-GAN: the paper's own optimizer settings, tau and eps could not be checked against a
-primary source in this project (docs/math.md section 5); the GN-GAN CNN configuration,
-tau = 1 (K = 1) and lipkernels' default eps are used and said so in the results.
+primary source in this project (docs/math.md section 5); the GN-GAN CNN configuration and
+tau = 1 (K = 1) are used, and eps = 1e-8: GraN normalizes only where the input-gradient
+norm n is well above sqrt(eps), and the digits discriminator starts at n of about 6.5e-4
+(median over real digits, ``--diagnose``), below lipkernels' default sqrt(1e-4) = 0.01:
+with that eps GraND and GraNC collapsed to one class in every seed (docs/training.md,
+"GraN-GAN's eps").
 
 Networks (small, to train on two CPU cores): for the 2-D mixtures a generator
 ``z in R^2 -> 128 -> 128 -> 2`` (ReLU) and a discriminator ``2 -> 128 -> 128 -> 1``
@@ -70,7 +74,7 @@ class Method:
     wrap: Optional[str] = None         # None, "gn", "gran"
     first_order_g: bool = False
     gran_tau: float = 1.0
-    gran_eps: float = 1e-4
+    gran_eps: float = 1e-8
     source: str = ""
     lr_g: Optional[float] = None       # the generator's learning rate when not ``lr`` (TTUR)
     attention: bool = False            # SA-GAN: self-attention and spectral norm in G and D

@@ -50,7 +50,11 @@ class Protocol:
     seeds: Tuple[int, ...]
     build: Builder
     default_method: str
-    long_steps: Optional[Dict[str, int]] = None   # the committed long runs' budgets (--long)
+    #: the committed long runs' budgets (--long), by data set or by "method:data"
+    long_steps: Optional[Dict[str, int]] = None
+
+    def long_budget(self, method: str, data: str) -> int:
+        return self.long_steps.get(f"{method}:{data}", self.long_steps[data])
 
     def method(self, name: str) -> Method:
         try:
@@ -132,7 +136,8 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
              "Gulrajani et al. 2017 (Improved Training of Wasserstein GANs), gan_toy.py",
              data_mod.TOY, TOY_METHODS, {d: 256 for d in data_mod.TOY},
              {d: 2000 for d in data_mod.TOY}, (0,), _toy_build, "wgangp",
-             {"8gaussians": 6000, "25gaussians": 12000, "swissroll": 3000}),
+             {"8gaussians": 5000, "25gaussians": 8000, "swissroll": 2000,
+              "wgan:8gaussians": 2000, "wgan:25gaussians": 2000}),
 ]}
 
 

@@ -259,6 +259,7 @@ def summarize(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
                 cell[key] = list(_mean_std([r["final"][key] for r in rs]))
             cell["ms_per_step"] = list(_mean_std([1e3 * r["seconds_per_step"] for r in rs]))
             cell["seeds"] = [r["seed"] for r in rs]
+            cell["steps"] = max(r["steps"] for r in rs)
             cell["diverged"] = sum(not r["finite"] for r in rs)
             out[d][meth] = cell
     return out
@@ -300,9 +301,12 @@ def markdown(results: dict, picture: Optional[str] = None) -> str:
                      + ", ".join(f"{k} = {v:g}" for k, v in results["overrides"].items()) + ".")
     ev = results.get("digits_classifier")
     for d in [x for x in data_mod.DATASETS if x in summ]:
-        steps = results["steps"][d]
         names = metrics_mod.metric_names(d)
-        head = ["method"] + [HEADERS[n][0] for n in names] + ["ms / G step", "diverged"]
+        per = sorted({c.get("steps", results["steps"][d]) for c in summ[d].values()})
+        mixed = len(per) > 1     # the methods ran different budgets: a column says which
+        steps = results["steps"][d] if not mixed else " / ".join(map(str, per))
+        head = (["method"] + (["G steps"] if mixed else []) + [HEADERS[n][0] for n in names]
+                + ["ms / G step", "diverged"])
         batch = results["batch"][d]
         if d != "digits":
             t = data_mod.target(d)
@@ -317,16 +321,25 @@ def markdown(results: dict, picture: Optional[str] = None) -> str:
         lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for meth in [x for x in _method_order(results) if x in summ[d]]:
             c = summ[d][meth]
-            cells = [meth] + [_fmt(c[n], HEADERS[n][1]) for n in names]
+            cells = ([meth] + ([str(c["steps"])] if mixed else [])
+                     + [_fmt(c[n], HEADERS[n][1]) for n in names])
             cells += [_fmt(c["ms_per_step"], 1), f"{c['diverged']}/{len(c['seeds'])}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("modes: modes with >= 20 high-quality samples; HQ %: samples within 3 sigma of "
-                 "their nearest mode; KL: KL(mode histogram || uniform), nats. FDD: Fréchet digit "
-                 "distance (penultimate features of the small digits classifier; not FID); "
-                 "classes: classes predicted for >= 2% of samples; entropy of the predicted "
-                 "classes (max 3.32 bits). ms / G step: wall time of one generator step "
-                 "with its n_critic discriminator steps.")
+    notes = []
+    if any(d != "digits" for d in summ):
+        notes.append("modes: modes with >= 20 high-quality samples; HQ %: samples within 3 sigma "
+                     "of their nearest mode; KL: KL(mode histogram || uniform), nats.")
+    if "swissroll" in summ:
+        notes.append("swissroll: the modes are 20 equal segments of the roll's parameter t, HQ "
+                     "within 3 sigma of the noiseless curve.")
+    if "digits" in summ:
+        notes.append("FDD: Fréchet digit distance (penultimate features of the small digits "
+                     "classifier; not FID); classes: classes predicted for >= 2% of samples; "
+                     "entropy of the predicted classes (max 3.32 bits).")
+    notes.append("ms / G step: wall time of one generator step with its n_critic "
+                 "discriminator steps.")
+    lines.append(" ".join(notes))
     if picture:
         lines += ["", f"![samples]({picture})"]
     return "\n".join(lines) + "\n"
@@ -479,18 +492,21 @@ def plan(args) -> tuple:
             _fail(f"--seed must be an integer or a comma-separated list, got {args.seed!r}")
     else:
         seeds = [p.seeds[0]] if args.quick else (list(p.seeds) if args.suite else [p.seeds[0]])
-    budget = p.steps
-    if getattr(args, "long", False):
-        if p.long_steps is None:
-            _fail(f"the {p.name} protocol has no --long budget")
-        budget = p.long_steps
-    steps = {d: args.steps or (QUICK_STEPS if args.quick else budget[d]) for d in datas}
+    long = getattr(args, "long", False)
+    if long and p.long_steps is None:
+        _fail(f"the {p.name} protocol has no --long budget")
+
+    def budget(m: str, d: str) -> int:
+        if args.steps or args.quick:
+            return args.steps or QUICK_STEPS
+        return p.long_budget(m, d) if long else p.steps[d]
+    steps = {d: max(budget(m, d) for m in meths) for d in datas}
     dtype = DTYPES[args.dtype]
     every = getattr(args, "eval_every", None)
     which = getattr(args, "impl", "lipkernels") or "lipkernels"
     impls = ["lipkernels", "plain"] if which == "both" else [which]
-    tasks = [dict(method=m, data=d, steps=steps[d], seed=seed, backend=args.backend, dtype=dtype,
-                  protocol=p.name, eval_every=every or max(1, steps[d] // EVALS),
+    tasks = [dict(method=m, data=d, steps=budget(m, d), seed=seed, backend=args.backend, dtype=dtype,
+                  protocol=p.name, eval_every=every or max(1, budget(m, d) // EVALS),
                   grad_method=getattr(args, "grad_method", "auto"),
                   compile=getattr(args, "compile", False),
                   n_eval=QUICK_DIGITS_EVAL if (args.quick and d == "digits") else None,
@@ -625,24 +641,33 @@ def _data_info(d: str) -> dict:
 README_BEGIN, README_END = "<!-- train:results -->", "<!-- /train:results -->"
 
 
+def readme_markers(protocol: str = "small"):
+    """The README's markers of a protocol's results block (the small protocol's are
+    ``<!-- train:results -->``, another's ``<!-- train:<protocol> -->``)."""
+    if protocol == "small":
+        return README_BEGIN, README_END
+    return f"<!-- train:{protocol} -->", f"<!-- /train:{protocol} -->"
+
+
 def update_readme(results_path: str, readme: Optional[str] = None) -> None:
     """Put the tables of the results file ``results_path`` (and its samples PNG) into
-    README.md between the ``<!-- train:results -->`` markers."""
+    README.md between its protocol's markers (:func:`readme_markers`)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     readme = readme or os.path.join(repo, "README.md")
     with open(results_path) as f:
         results = json.load(f)
+    begin, end = readme_markers(results.get("protocol", "small"))
     stem = os.path.splitext(results_path)[0]
     rel = os.path.relpath(stem, os.path.dirname(os.path.abspath(readme)))
     picture = rel + "-samples.png" if os.path.exists(stem + "-samples.png") else None
-    block = (f"{README_BEGIN}\n`{rel}.json` (`{rel}.md`; curves `{rel}-curves.png`)\n\n"
-             + markdown(results, picture) + README_END)
+    block = (f"{begin}\n`{rel}.json` (`{rel}.md`; curves `{rel}-curves.png`)\n\n"
+             + markdown(results, picture) + end)
     with open(readme) as f:
         text = f.read()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     with open(readme, "w") as f:
         f.write(head + block + tail)
 
