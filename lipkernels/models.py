@@ -356,7 +356,7 @@ def _insert_after_stage(layers: Sequence[nn.Module], stride2_index: int,
 
 
 def sagan_digits_generator(z_dim: int = 32, channels: Sequence[int] = (64, 32, 16),
-                           norm: Norm = None) -> nn.Sequential:
+                           norm: Norm = None, attention: bool = True) -> nn.Sequential:
     """The small digits generator of ``lipkernels.train`` (``methods._digits_generator``)
     with an SA-GAN :class:`SelfAttention2d` after its 8x8 stage, mapping ``(B, z_dim)``
     to ``(B, 1, 16, 16)`` in ``[-1, 1]``::
@@ -375,19 +375,20 @@ def sagan_digits_generator(z_dim: int = 32, channels: Sequence[int] = (64, 32, 1
     attention; not to BatchNorm. The paper puts attention on the mid-to-high level
     feature maps; here that is the 8x8 one of c1 = 32 channels (keys and values
     max-pooled to 4x4). 76,450 parameters with the defaults (75,169 without attention).
+    ``attention=False``: the same network without the block (SA-GAN's ablation baseline).
     """
     c0, c1, c2 = channels
     return nn.Sequential(
         _apply(norm, nn.Linear(z_dim, 4 * 4 * c0)), nn.Unflatten(1, (c0, 4, 4)),
         nn.BatchNorm2d(c0), nn.ReLU(),
         _apply(norm, nn.ConvTranspose2d(c0, c1, 4, 2, 1)), nn.BatchNorm2d(c1), nn.ReLU(),
-        SelfAttention2d(c1, norm=norm),
+        *([SelfAttention2d(c1, norm=norm)] if attention else []),
         _apply(norm, nn.ConvTranspose2d(c1, c2, 4, 2, 1)), nn.BatchNorm2d(c2), nn.ReLU(),
         _apply(norm, nn.Conv2d(c2, 1, 3, 1, 1)), nn.Tanh(),
     )
 
 
-def sagan_digits_discriminator(norm: Norm = None) -> nn.Sequential:
+def sagan_digits_discriminator(norm: Norm = None, attention: bool = True) -> nn.Sequential:
     """The digits discriminator of ``lipkernels.train``
     (``sngan_cnn_discriminator(norm, channels=(16, 32, 64, 64), in_channels=1,
     image_size=16)``) with an SA-GAN :class:`SelfAttention2d` after its 8x8 stage
@@ -407,10 +408,12 @@ def sagan_digits_discriminator(norm: Norm = None) -> nn.Sequential:
     ``norm`` (e.g. ``lipkernels.spectral_norm``) is applied to all 8 convs/dense and to
     the 4 attention convs (12 normalized weights). 147,890 parameters (146,609 without
     attention). Not piecewise linear (softmax), so ``GradNorm(first_order=True)``'s
-    exactness note does not hold for it.
+    exactness note does not hold for it. ``attention=False``: without the block.
     """
     base = sngan_cnn_discriminator(norm=norm, channels=(16, 32, 64, 64), in_channels=1,
                                    image_size=16)
+    if not attention:
+        return base
     return _insert_after_stage(base, 1, SelfAttention2d(32, norm=norm))
 
 

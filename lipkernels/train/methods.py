@@ -27,6 +27,8 @@ sagan      SA-GAN (Zhang et al. 2019), digits only: ``models.sagan_digits_genera
            ``sagan_digits_discriminator`` (a self-attention block at 8x8 in each, as the
            official ``non_local.py``), spectral norm on every layer of G and D; hinge loss;
            Adam(betas (0, 0.9)), D 4e-4, G 1e-4 (the paper's two time-scale rule); 1
+sagan-noattn  sagan without the attention blocks: SA-GAN's ablation baseline ("SN on G/D +
+           TTUR", its Table 1), to measure what the attention itself does here
 =========  ===================================================================================
 
 GraN-GAN: the paper's own optimizer settings, tau and eps could not be checked against a
@@ -77,7 +79,8 @@ class Method:
     gran_eps: float = 1e-8
     source: str = ""
     lr_g: Optional[float] = None       # the generator's learning rate when not ``lr`` (TTUR)
-    attention: bool = False            # SA-GAN: self-attention and spectral norm in G and D
+    sn_g: bool = False                 # spectral norm in G too (SA-GAN)
+    attention: bool = False            # SA-GAN's self-attention blocks in G and D
     data: Optional[Tuple[str, ...]] = None   # the data sets it applies to (None: all)
 
 
@@ -100,9 +103,13 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     Method("granc", "GraNC (GraN-GAN)", losses.hinge, "adam", 2e-4, (0.0, 0.9), 1, wrap="gran",
            source="Bhaskara et al. 2022; optimizer as GN-GAN (not verified)"),
     Method("sagan", "SA-GAN", losses.hinge, "adam", 4e-4, (0.0, 0.9), 1, spectral_norm=True,
-           lr_g=1e-4, attention=True, data=("digits",),
+           lr_g=1e-4, sn_g=True, attention=True, data=("digits",),
            source="Zhang et al. 2019: hinge loss, SN in G and D, Adam(0, 0.9), TTUR lr D 4e-4, "
                   "G 1e-4, 1 D step; self-attention as the official non_local.py"),
+    Method("sagan-noattn", "SA-GAN without attention", losses.hinge, "adam", 4e-4, (0.0, 0.9), 1,
+           spectral_norm=True, lr_g=1e-4, sn_g=True, data=("digits",),
+           source="Zhang et al. 2019, Table 1's baseline 'SN on G/D + TTUR': sagan without the "
+                  "self-attention blocks"),
 ]}
 
 
@@ -150,12 +157,12 @@ def build(m: Method, data: str) -> Tuple[nn.Module, nn.Module, int]:
     """``(G, D, z_dim)`` for method ``m`` on ``data`` (seed the RNG before calling)."""
     k = kind(data)
     z_dim = Z_DIM[k]
-    if m.attention:
+    if m.attention or m.sn_g:
         from .. import spectral_norm
         if k != "digits":
-            raise ValueError(f"method {m.name} (self-attention) needs image data, got {data!r}")
-        return (models.sagan_digits_generator(z_dim, norm=spectral_norm),
-                models.sagan_digits_discriminator(norm=spectral_norm), z_dim)
+            raise ValueError(f"method {m.name} (SA-GAN's networks) needs image data, got {data!r}")
+        return (models.sagan_digits_generator(z_dim, norm=spectral_norm, attention=m.attention),
+                models.sagan_digits_discriminator(norm=spectral_norm, attention=m.attention), z_dim)
     if k == "2d":
         G, D = _mlp_generator(z_dim), _mlp_discriminator(m.spectral_norm)
     else:
@@ -239,7 +246,7 @@ class Trainer:
             self.d_model = self.g_model = self.D
         else:
             raise ValueError(f"Trainer: wrap must be None, 'gn' or 'gran', got {m.wrap!r}")
-        self.group_g = lnn.SpectralNormGroup(self.G) if m.attention else None
+        self.group_g = lnn.SpectralNormGroup(self.G) if m.sn_g else None
         self.opt_d = make_optimizer(m, self.D.parameters())
         self.opt_g = make_optimizer(m, self.G.parameters(), m.lr_g)
         self._d_loss, self._g_loss = self.d_loss, self.g_loss
