@@ -38,6 +38,25 @@ TOLERANCES = {
 CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread (tiny shapes: as fast, and no OpenMP spin-waiting); a module
+    uses it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with num_threads(1):
+        yield
+
+
 def device_for(backend: str) -> torch.device:
     return torch.device("cuda" if backend in ("cuda", "triton") and torch.cuda.is_available()
                         else "cpu")

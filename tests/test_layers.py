@@ -24,7 +24,7 @@ import lipkernels
 from lipkernels.nn import (SNConv1d, SNConv2d, SNConv3d, SNConvTranspose1d, SNConvTranspose2d,
                            SNConvTranspose3d, SNEmbedding, SNLinear, SpectralNormGroup)
 
-from conftest import backend_context, COMPILED_BACKENDS, assert_close
+from conftest import backend_context, COMPILED_BACKENDS, assert_close, num_threads
 
 # ``lipkernels.nn.spectral_norm`` is the function; the module it lives in:
 sn_module = importlib.import_module("lipkernels.nn.spectral_norm")
@@ -35,23 +35,10 @@ ALL_BACKENDS = ["reference"] + COMPILED_BACKENDS
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
-@contextlib.contextmanager
-def num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The shapes here are tiny: one intra-op thread is as fast, and it avoids the
-    OpenMP spin-waiting that makes small ops 10-100x slower on a shared, loaded machine.
-    The real-shapes test goes back to the default thread count (multi-threaded kernels)."""
-    with num_threads(1):
-        yield
+# The shapes here are tiny: one intra-op thread is as fast, and it avoids the OpenMP
+# spin-waiting that makes small ops 10-100x slower on a shared, loaded machine. The
+# real-shapes test goes back to the default thread count (multi-threaded kernels).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(params=ALL_BACKENDS)

@@ -10,7 +10,6 @@ for single layers.
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -26,21 +25,7 @@ from conftest import COMPILED_BACKENDS, assert_close, backend_context
 ALL_BACKENDS = ["reference"] + COMPILED_BACKENDS
 
 
-@contextlib.contextmanager
-def num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny shapes: one intra-op thread is as fast and avoids OpenMP spin-waiting."""
-    with num_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(params=ALL_BACKENDS)
@@ -190,39 +175,31 @@ def test_sn_state_dict_matches_torch(any_backend):
     assert len(sn_layers(ours)) == 4
 
 
+def _load_into(src_norm, dst_norm, pool, gamma, seed, x):
+    """A block with ``src_norm`` (gamma set, u and v moved by a training forward), its
+    state dict loaded strictly into a fresh block with ``dst_norm``: both, in eval mode."""
+    torch.manual_seed(seed)
+    src = SelfAttention2d(16, norm=src_norm, pool=pool)
+    with torch.no_grad():
+        src.gamma.fill_(gamma)
+    src(x)  # a training-mode forward moves u, v
+    torch.manual_seed(seed + 1)
+    dst = SelfAttention2d(16, norm=dst_norm, pool=pool)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    return src.eval(), dst.eval()
+
+
 @pytest.mark.parametrize("pool", [True, False])
 def test_sn_state_dict_loads_both_ways(any_backend, pool):
     x = torch.randn(2, 16, 4, 6)
-    # torch -> lipkernels, strict
-    torch.manual_seed(1)
-    theirs = SelfAttention2d(16, norm=torch_sn, pool=pool)
-    with torch.no_grad():
-        theirs.gamma.fill_(0.8)
-    theirs(x)  # a training-mode forward moves u, v
-    torch.manual_seed(2)
-    ours = SelfAttention2d(16, norm=lk_sn, pool=pool)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    for k, v in theirs.state_dict().items():
-        assert torch.equal(ours.state_dict()[k], v), k
-    ours.eval()
-    theirs.eval()
+    theirs, ours = _load_into(torch_sn, lk_sn, pool, 0.8, 1, x)
     assert_close(ours(x), theirs(x), what="output after torch -> lipkernels")
     # the output is the plain computation with the normalized weights
     with torch.no_grad():
         assert_close(ours(x), attention_of(ours, x), what="SN block vs plain computation")
-    # lipkernels -> torch, strict
-    torch.manual_seed(3)
-    ours2 = SelfAttention2d(16, norm=lk_sn, pool=pool)
-    with torch.no_grad():
-        ours2.gamma.fill_(-0.6)
-    ours2(x)
-    torch.manual_seed(4)
-    theirs2 = SelfAttention2d(16, norm=torch_sn, pool=pool)
-    theirs2.load_state_dict(ours2.state_dict(), strict=True)
-    for k, v in ours2.state_dict().items():
-        assert torch.equal(theirs2.state_dict()[k], v), k
-    ours2.eval()
-    theirs2.eval()
+    ours2, theirs2 = _load_into(lk_sn, torch_sn, pool, -0.6, 3, x)
     assert_close(theirs2(x), ours2(x), what="output after lipkernels -> torch")
 
 

@@ -15,6 +15,8 @@ from lipkernels.train import data, methods, metrics, protocols, runner
 
 from conftest import COMPILED_BACKENDS, INTERPRETING
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 pytest.importorskip("sklearn", reason="lipkernels train's digits need scikit-learn (make install)")
 
 #: The methods that run on every data set (sagan needs images: digits only).
@@ -28,12 +30,6 @@ needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the cpu backend is not teste
                                + f"; LIPKERNELS_TEST_BACKENDS={os.environ.get('LIPKERNELS_TEST_BACKENDS')}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ data

@@ -20,8 +20,9 @@ from lipkernels.train.plain import PlainTrainer, check_plain
 
 from conftest import MAIN_RUN
 
-pytestmark = pytest.mark.skipif(not MAIN_RUN, reason="the default backend's twin: the main "
-                                                     "run of the suite tests it")
+pytestmark = [pytest.mark.skipif(not MAIN_RUN, reason="the default backend's twin: the main "
+                                                      "run of the suite tests it"),
+              pytest.mark.usefixtures("single_thread")]
 
 TorchSpectralNorm = torch.nn.utils.parametrizations._SpectralNorm
 
@@ -50,12 +51,6 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= ATOL * max(1.0, abs(a))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _needs(data_name: str) -> None:

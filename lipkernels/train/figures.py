@@ -188,10 +188,23 @@ def main(args) -> int:
     return 0
 
 
-def _plot_1a(results: dict, stem: str) -> str:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, stem: str) -> str:
+    fig.tight_layout()
+    path = stem + ".png"
+    fig.savefig(path, dpi=80)
+    _pyplot().close(fig)
+    return path
+
+
+def _plot_1a(results: dict, stem: str) -> str:
+    plt = _pyplot()
     runs = results["runs"]
     fig, axes = plt.subplots(2, 3, figsize=(10, 6.6), squeeze=False)
     axis = torch.linspace(-GRID_RANGE, GRID_RANGE, GRID_POINTS)
@@ -211,18 +224,11 @@ def _plot_1a(results: dict, stem: str) -> str:
                 ax.set_ylabel("weight clipping" if meth == "wgan" else "gradient penalty")
     fig.suptitle(f"Critics trained {results['critic_steps']} steps against real data + N(0, 1) "
                  "noise (WGAN-GP paper, Figure 1(a))", fontsize=10)
-    fig.tight_layout()
-    path = stem + ".png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, stem)
 
 
 def _plot_1b(results: dict, stem: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = _pyplot().subplots(figsize=(5.5, 4))
     for r in results["runs"]:
         norms = r["history"][-1]["norms"]
         layers = list(range(1, len(norms) + 1))
@@ -233,8 +239,4 @@ def _plot_1b(results: dict, stem: str) -> str:
     ax.legend(fontsize=8)
     ax.set_title(f"Swiss roll, {results['layers']}-layer ReLU critic, after {results['iters']} "
                  "generator iterations", fontsize=9)
-    fig.tight_layout()
-    path = stem + ".png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, stem)

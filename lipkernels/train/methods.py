@@ -210,8 +210,67 @@ def make_optimizer(m: Method, params, lr: Optional[float] = None) -> torch.optim
 
 # ------------------------------------------------------------------ one training step
 
+class StepLoop:
+    """The order of a training step, shared by :class:`Trainer` and its plain-PyTorch
+    twin (``plain.PlainTrainer``), which differ in their formulas only: a subclass sets
+    ``m``, ``G``, ``D``, ``z_dim``, ``dtype``, ``opt_d``, ``opt_g``, the losses
+    ``_d_loss(real, fake, alpha)`` and ``_g_loss(z)``, and ``clip_()``. Every random draw
+    is made here, in one order (per D step the fake batch's ``z``, then a gradient
+    penalty's ``alpha``; then the generator's ``z``), so two subclasses run from one seed
+    draw the same numbers."""
+
+    def z(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, dtype=self.dtype)
+
+    def d_step(self, real: torch.Tensor, fake: Optional[torch.Tensor] = None) -> float:
+        """One discriminator step on ``real`` against ``fake`` (drawn from G when None),
+        then the weight clipping of the method; returns the D loss."""
+        m = self.m
+        b = real.shape[0]
+        if fake is None:
+            with torch.no_grad():
+                fake = self.G(self.z(b))
+        # Drawn here, in the order of the eager code, so compiled and eager runs
+        # consume the random stream alike.
+        alpha = (torch.rand(b, dtype=real.dtype, device=real.device)
+                 if m.gp_weight is not None else None)
+        d_loss = self._d_loss(real, fake, alpha)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        if m.clip is not None:
+            self.clip_()
+        return float(d_loss.detach())
+
+    def step(self, real_batches: List[torch.Tensor]) -> Tuple[float, float]:
+        """One generator step after ``len(real_batches) == n_critic`` D steps;
+        returns ``(mean D loss, G loss)``."""
+        d_losses = [self.d_step(real) for real in real_batches]
+        # Generator step: D's weights are constants here.
+        self.D.requires_grad_(False)
+        try:
+            g_loss = self._g_loss(self.z(real_batches[0].shape[0]))
+            self.opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            self.opt_g.step()
+        finally:
+            self.D.requires_grad_(True)
+        return sum(d_losses) / len(d_losses), float(g_loss.detach())
+
+    @torch.no_grad()
+    def sample(self, n: int, chunk: int = 2500) -> torch.Tensor:
+        """``n`` samples of G as it trains (training mode); G's buffers (spectral norm's
+        u, v, running statistics) are put back afterwards, so measuring a run does not
+        change it."""
+        saved = {k: v.clone() for k, v in self.G.named_buffers()}
+        out = [self.G(self.z(min(chunk, n - i))) for i in range(0, n, chunk)]
+        for k, v in self.G.named_buffers():
+            v.copy_(saved[k])
+        return torch.cat(out)
+
+
 @dataclass
-class Trainer:
+class Trainer(StepLoop):
     """The G and D of one run and their optimizers; :meth:`step` is one generator step
     after ``n_critic`` discriminator steps.
 
@@ -254,9 +313,6 @@ class Trainer:
             self._d_loss = torch.compile(self.d_loss, fullgraph=True)
             self._g_loss = torch.compile(self.g_loss, fullgraph=True)
 
-    def z(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.z_dim, dtype=self.dtype)
-
     def d_loss(self, real: torch.Tensor, fake: torch.Tensor,
                alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The discriminator's loss on one batch (``fake`` without a graph; ``alpha``: the
@@ -274,40 +330,8 @@ class Trainer:
         """The generator's loss for latents ``z`` (call with D's weights frozen)."""
         return self.m.loss.g(self.g_model(self.G(z)).reshape(-1))
 
-    def d_step(self, real: torch.Tensor, fake: Optional[torch.Tensor] = None) -> float:
-        """One discriminator step on ``real`` against ``fake`` (drawn from G when None),
-        then the weight clipping of the method; returns the D loss."""
-        m = self.m
-        b = real.shape[0]
-        if fake is None:
-            with torch.no_grad():
-                fake = self.G(self.z(b))
-        # Drawn here, in the order of the eager code, so compiled and eager runs
-        # consume the random stream alike.
-        alpha = (torch.rand(b, dtype=real.dtype, device=real.device)
-                 if m.gp_weight is not None else None)
-        d_loss = self._d_loss(real, fake, alpha)
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_d.step()
-        if m.clip is not None:
-            clip_weights_(self.D, m.clip)
-        return float(d_loss.detach())
-
-    def step(self, real_batches: List[torch.Tensor]) -> Tuple[float, float]:
-        """One generator step after ``len(real_batches) == n_critic`` D steps;
-        returns ``(mean D loss, G loss)``."""
-        d_losses = [self.d_step(real) for real in real_batches]
-        # Generator step: D's weights are constants here.
-        self.D.requires_grad_(False)
-        try:
-            g_loss = self._g_loss(self.z(real_batches[0].shape[0]))
-            self.opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            self.opt_g.step()
-        finally:
-            self.D.requires_grad_(True)
-        return sum(d_losses) / len(d_losses), float(g_loss.detach())
+    def clip_(self) -> None:
+        clip_weights_(self.D, self.m.clip)
 
     def diagnose(self, real: torch.Tensor, n: int = 256) -> Dict[str, float]:
         """Medians, over ``real`` and as many fakes, of the raw discriminator's output
@@ -335,17 +359,6 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         load_trainer_state(self, state)
-
-    @torch.no_grad()
-    def sample(self, n: int, chunk: int = 2500) -> torch.Tensor:
-        """``n`` samples of G as it trains (training mode); G's buffers (spectral norm's
-        u, v, running statistics) are put back afterwards, so measuring a run does not
-        change it."""
-        saved = {k: v.clone() for k, v in self.G.named_buffers()}
-        out = [self.G(self.z(min(chunk, n - i))) for i in range(0, n, chunk)]
-        for k, v in self.G.named_buffers():
-            v.copy_(saved[k])
-        return torch.cat(out)
 
 
 def trainer_state(t) -> dict:

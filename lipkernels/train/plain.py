@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .methods import Method
+from .methods import Method, StepLoop
 
 # ------------------------------------------------------------------ losses
 
@@ -180,12 +180,14 @@ def check_plain(net: nn.Module, what: str) -> None:
                         f"make the plain twin with PlainTrainer.twin_of(trainer)")
 
 
-class PlainTrainer:
+class PlainTrainer(StepLoop):
     """The plain-PyTorch reference of ``lipkernels.train.methods.Trainer``: the same
-    constructor (``Method``, G, D, z_dim, dtype), :meth:`step`, :meth:`d_loss`,
-    :meth:`g_loss`, :meth:`sample`, :meth:`z`, the same random draws in the same order
-    (per critic step the fake batch's ``z``, then WGAN-GP's ``alpha``; then the generator's
-    ``z``), every formula written from the papers' official code (module docstring)."""
+    constructor (``Method``, G, D, z_dim, dtype) and the same step loop
+    (``methods.StepLoop``: :meth:`step`, :meth:`d_step`, :meth:`sample`, :meth:`z`, so the
+    same random draws in the same order: per critic step the fake batch's ``z``, then
+    WGAN-GP's ``alpha``; then the generator's ``z``); every formula (:meth:`d_loss`,
+    :meth:`g_loss`, :meth:`clip_`, the optimizers, spectral norm) written from the papers'
+    official code (module docstring)."""
 
     def __init__(self, m: Method, G: nn.Module, D: nn.Module, z_dim: int,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -198,6 +200,8 @@ class PlainTrainer:
         self.opt_d = plain_optimizer(m, D.parameters())
         # The generator's own learning rate where the method has one (SA-GAN's TTUR).
         self.opt_g = plain_optimizer(m, G.parameters(), getattr(m, "lr_g", None))
+        # The step loop (methods.StepLoop: the order of the draws and updates) calls these.
+        self._d_loss, self._g_loss = self.d_loss, self.g_loss
 
     @classmethod
     def twin_of(cls, trainer) -> "PlainTrainer":
@@ -210,9 +214,6 @@ class PlainTrainer:
         _copy_optimizer_state(trainer.G, twin.G, trainer.opt_g, twin.opt_g)
         _copy_optimizer_state(trainer.D, twin.D, trainer.opt_d, twin.opt_d)
         return twin
-
-    def z(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.z_dim, dtype=self.dtype)
 
     def scores(self, x: torch.Tensor, generator_step: bool = False) -> torch.Tensor:
         """The discriminator's outputs ``(B,)``: D itself, or GN / GraN of it (GN's
@@ -259,48 +260,6 @@ class PlainTrainer:
         """WGAN weight clipping (Arjovsky et al., Algorithm 1, and their code)."""
         for p in self.D.parameters():
             p.data.clamp_(-self.m.clip, self.m.clip)
-
-    def d_step(self, real: torch.Tensor, fake: Optional[torch.Tensor] = None) -> float:
-        """One discriminator step on ``real`` against ``fake`` (drawn from G when None),
-        then the weight clipping; returns the D loss."""
-        m = self.m
-        b = real.shape[0]
-        if fake is None:
-            with torch.no_grad():
-                fake = self.G(self.z(b))
-        alpha = (torch.rand(b, dtype=real.dtype, device=real.device)
-                 if m.gp_weight is not None else None)
-        loss = self.d_loss(real, fake, alpha)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_d.step()
-        if m.clip is not None:
-            self.clip_()
-        return float(loss.detach())
-
-    def step(self, real_batches: List[torch.Tensor]) -> Tuple[float, float]:
-        """``len(real_batches)`` discriminator steps, then one generator step with D
-        frozen; returns ``(mean D loss, G loss)``."""
-        d_losses = [self.d_step(real) for real in real_batches]
-        self.D.requires_grad_(False)
-        try:
-            g_loss = self.g_loss(self.z(real_batches[0].shape[0]))
-            self.opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            self.opt_g.step()
-        finally:
-            self.D.requires_grad_(True)
-        return sum(d_losses) / len(d_losses), float(g_loss.detach())
-
-    @torch.no_grad()
-    def sample(self, n: int, chunk: int = 2500) -> torch.Tensor:
-        """``n`` samples of G in training mode, G's buffers (u, v, running statistics)
-        put back afterwards."""
-        saved = {k: v.clone() for k, v in self.G.named_buffers()}
-        out = torch.cat([self.G(self.z(min(chunk, n - i))) for i in range(0, n, chunk)])
-        for k, v in self.G.named_buffers():
-            v.copy_(saved[k])
-        return out
 
 
 # ------------------------------------------------------------------ from lipkernels to plain
