@@ -197,6 +197,13 @@ def test_suite_resume_reuses_finished_runs(tmp_path, capsys):
     again = json.load(open(tmp_path / stem))
     assert [r["d_loss"] for r in again["runs"]] == [r["d_loss"] for r in first["runs"]]
     assert "| wgangp |" in open(tmp_path / stem.replace(".json", ".md")).read()
+    # the README block of this protocol, between its own markers
+    begin, end = runner.readme_markers("wgangp-toy")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{runner.README_BEGIN}\nsmall\n{runner.README_END}\n{begin}\nold\n{end}\nb\n")
+    runner.update_readme(str(tmp_path / stem), str(readme))
+    text = readme.read_text()
+    assert "small" in text and "old" not in text and "| wgan |" in text and "**swissroll**" in text
 
 
 @pytest.mark.parametrize("argv, message", [
