@@ -14,8 +14,9 @@ from lipkernels.train.ensemble import EnsembleTrainer, seeded_member
 
 from conftest import MAIN_RUN
 
-pytestmark = pytest.mark.skipif(not MAIN_RUN, reason="the default backend's ensemble: the "
-                                                     "main run of the suite tests it")
+pytestmark = [pytest.mark.skipif(not MAIN_RUN, reason="the default backend's ensemble: the "
+                                                      "main run of the suite tests it"),
+              pytest.mark.usefixtures("single_thread")]
 
 #: Every method of the small protocol that runs on the 2-D data (sagan is digits only).
 SUPPORTED = ["nsgan", "wgan", "wgangp", "sngan", "gngan", "gngan-fo", "grand", "granc"]
@@ -32,16 +33,16 @@ TOL64 = 1e-9
 #: that and still 20 times below one optimizer step (Adam moves a weight by ~lr = 1e-4
 #: to 2e-4 per step, torch's RMSprop by 10 lr = 5e-4 in its first), so a missed,
 #: repeated or differently drawn step fails.
+#: One exception, for the final weights: Adam turns rounding noise in a gradient that is
+#: ~0 into steps of up to lr in either direction (a step is about lr g / (|g| + eps), with
+#: eps = 1e-8: a g of +-1e-9 moves the weight by +-0.1 lr), so a single element can differ
+#: by a fraction of 2 lr per step (measured 2.2e-5 in one element of SNGAN's D, torch 2.11, reference
+#: backend, from the second step on; docs/training.md says the same of any two float32
+#: implementations). The final weights are therefore held to their *mean* absolute
+#: difference within TOL32 (a missed or repeated step moves every weight by ~lr: 1e-4)
+#: and each element within 2 lr per step.
 TOL32 = 1e-5
 STEPS32 = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,9 +60,13 @@ def worst(actual, expected) -> float:
     return float(((a - e).abs() / e.abs().clamp_min(1.0)).max()) if a.numel() else 0.0
 
 
-def check_members(ens: EnsembleTrainer, logs, steps: int, tol: float, **run_kwargs) -> float:
+def check_members(ens: EnsembleTrainer, logs, steps: int, tol: float, elementwise: bool = True,
+                  **run_kwargs) -> float:
     """Every member's per-step losses and final G and D state (parameters and buffers:
-    spectral norm's u, v too) against the unbatched run of its seed; the worst error."""
+    spectral norm's u, v too) against the unbatched run of its seed; the worst error.
+    ``elementwise=False`` (float32): the final tensors by their mean absolute
+    difference, each element within 2 lr per step (TOL32's comment)."""
+    element_tol = tol if elementwise else 2 * max(ens.m.lr, ens.m.lr_g or 0) * steps
     err = 0.0
     for k, seed in enumerate(ens.seeds):
         run = unbatched(ens.m.name, seed, steps, ens.dtype, **run_kwargs)
@@ -77,8 +82,13 @@ def check_members(ens: EnsembleTrainer, logs, steps: int, tol: float, **run_kwar
             for key in a:
                 assert a[key].dtype == b[key].dtype, f"{where}: {name}.{key} dtype"
                 e = worst(a[key], b[key])
-                assert e <= tol, (f"{where}: final {name}.{key} differs by {e:.3g} "
-                                  f"(tolerance {tol:g})")
+                assert e <= element_tol, (f"{where}: final {name}.{key} differs by {e:.3g} "
+                                          f"(tolerance {element_tol:g})")
+                if not elementwise and a[key].is_floating_point():
+                    mean = float((a[key].double() - b[key].double()).abs().mean())
+                    assert mean <= tol, (f"{where}: final {name}.{key} differs by {mean:.3g} "
+                                         f"on average (tolerance {tol:g})")
+                    e = mean
                 err = max(err, e)
     return err
 
@@ -156,7 +166,7 @@ def test_each_member_is_the_unbatched_run_float64_autograd_backward(method):
 @pytest.mark.parametrize("method", SUPPORTED)
 def test_each_member_is_the_unbatched_run_float32(method):
     ens = EnsembleTrainer(method, "ring8", SEEDS, BATCH, torch.float32)
-    check_members(ens, ens.run(STEPS32), STEPS32, TOL32)
+    check_members(ens, ens.run(STEPS32), STEPS32, TOL32, elementwise=False)
 
 
 def test_other_protocol_and_data():
