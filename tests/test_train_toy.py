@@ -131,7 +131,15 @@ def test_toy_metrics_on_true_and_collapsed_samples(name):
     true = target.sample(2500, torch.Generator().manual_seed(0), torch.float64)
     m = metrics.evaluate(name, true)
     k = target.segments if name == "swissroll" else len(target.centers)
-    assert m["modes"] == k and m["hq"] > 98 and m["kl"] < 0.02
+    assert m["modes"] == k and m["hq"] > 98 and m["kl"] < 0.02 and m["modes10"] == k
+    # the median distance in sigma: Rayleigh's median sqrt(2 ln 2) = 1.18 for the 2-D
+    # Gaussians, the half-normal's 0.674 for the roll (noise across the curve)
+    assert m["spread"] == pytest.approx(0.674 if name == "swissroll" else 1.177, rel=0.06)
+    wide = true + 6 * target.sigma * torch.randn(true.shape, generator=torch.Generator().manual_seed(3),
+                                                 dtype=torch.float64)
+    mw = metrics.evaluate(name, wide)
+    if name != "swissroll":   # spread out 6 sigma: few within 3 sigma, all modes within 10
+        assert mw["modes10"] == k and mw["hq"] < 30 and mw["spread"] > 5
     one = true[:1].repeat(2500, 1)
     m = metrics.evaluate(name, one)
     assert m["modes"] == 1 and m["kl"] == pytest.approx(math.log(k), rel=1e-9)
@@ -196,6 +204,9 @@ def test_suite_resume_reuses_finished_runs(tmp_path, capsys):
     assert out.count("finished earlier (2 steps), reused") == 6
     again = json.load(open(tmp_path / stem))
     assert [r["d_loss"] for r in again["runs"]] == [r["d_loss"] for r in first["runs"]]
+    # reused runs are measured again from their checkpoints' samples, by the same code here
+    assert [r["final"] for r in again["runs"]] == [r["final"] for r in first["runs"]]
+    assert all("modes10" in r["final"] for r in again["runs"])
     assert "| wgangp |" in open(tmp_path / stem.replace(".json", ".md")).read()
     # the README block of this protocol, between its own markers
     begin, end = runner.readme_markers("wgangp-toy")

@@ -273,6 +273,7 @@ def _fmt(ms, digits: int = 1) -> str:
 
 
 HEADERS = {"modes": ("modes", 1), "hq": ("HQ %", 1), "kl": ("KL", 2),
+           "modes10": ("modes (10σ)", 1), "spread": ("median dist. (σ)", 1),
            "fdd": ("FDD", 2), "classes": ("classes", 1), "entropy": ("entropy (bits)", 2)}
 
 
@@ -333,6 +334,10 @@ def markdown(results: dict, picture: Optional[str] = None) -> str:
     if "swissroll" in summ:
         notes.append("swissroll: the modes are 20 equal segments of the roll's parameter t, HQ "
                      "within 3 sigma of the noiseless curve.")
+    if any(d in data_mod.TOY for d in summ):
+        notes.append("modes (10σ): modes with >= 20 samples within 10 sigma (coverage apart "
+                     "from sharpness); median dist. (σ): the median distance of a sample to its "
+                     "nearest mode (swissroll: to the curve), in sigma (true samples: 1.2; swissroll 0.7).")
     if "digits" in summ:
         notes.append("FDD: Fréchet digit distance (penultimate features of the small digits "
                      "classifier; not FID); classes: classes predicted for >= 2% of samples; "
@@ -516,6 +521,20 @@ def plan(args) -> tuple:
     return p, tasks, seeds, steps
 
 
+def remeasure(r: dict, checkpoint: str) -> dict:
+    """A finished 2-D run's metrics computed again, by the current metrics code, from the
+    evaluation samples its checkpoint keeps (so a run trained before a metric was added
+    reports it too); digits runs and runs without a checkpoint are returned as they are."""
+    if r["data"] == "digits" or not os.path.exists(checkpoint):
+        return r
+    samples = torch.load(checkpoint, weights_only=False)["log"].get("eval_samples")
+    if not samples:
+        return r
+    curve = [dict(c, **metrics_mod.evaluate(r["data"], samples[c["step"]]))
+             if c["step"] in samples else c for c in r["curve"]]
+    return dict(r, curve=curve, final={k: v for k, v in curve[-1].items() if k not in ("step", "d")})
+
+
 def _overrides(args) -> dict:
     """The method settings changed on the command line (``--gran-eps``, ``--gran-tau``)."""
     out = {}
@@ -572,7 +591,7 @@ def main(args) -> int:
             if os.path.exists(record):
                 r = torch.load(record, weights_only=False)
                 if r["steps"] == task["steps"]:
-                    runs_done[i] = r
+                    runs_done[i] = remeasure(r, ckpt)
                     print(f"{task['method']:>9} {task['data']:>11} seed {task['seed']}: "
                           f"finished earlier ({r['steps']} steps), reused", flush=True)
         else:
