@@ -13,7 +13,7 @@ import torch
 import lipkernels
 from lipkernels.train import data, methods, metrics, protocols, runner
 
-from conftest import COMPILED_BACKENDS, INTERPRETING
+from conftest import COMPILED_BACKENDS, INTERPRETING, MAIN_RUN
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -47,6 +47,7 @@ def test_mixtures_follow_the_pacgan_protocol():
         data.mixture("ring9")
 
 
+@pytest.mark.skipif(not MAIN_RUN, reason="backend-independent: the main run of the suite tests it")
 def test_digits_are_the_bundled_data_upsampled():
     x, y = data.digits()
     assert x.shape == (1797, 1, 16, 16) and y.shape == (1797,)
@@ -86,6 +87,7 @@ def test_mixture_metrics_on_true_and_collapsed_samples(name):
     assert metrics.mixture_metrics(far, mix)["hq"] == 0.0
 
 
+@pytest.mark.skipif(not MAIN_RUN, reason="backend-independent: the main run of the suite tests it")
 def test_frechet_matches_scipy():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     import numpy as np
@@ -168,6 +170,7 @@ def test_triton_backend_trains_as_the_reference(method):
     _assert_same_run(tri, ref, 1e-9, f"{method} ring8 triton")
 
 
+@pytest.mark.skipif(not MAIN_RUN, reason="backend-independent: the main run of the suite tests it")
 def test_first_order_generator_step_is_exact_for_a_leaky_relu_discriminator():
     """GN-GAN's first-order G step (docs/math.md section 4) against the exact double
     backprop: the discriminator is piecewise linear, so 20 steps agree to 1e-9."""
@@ -180,6 +183,7 @@ def test_first_order_generator_step_is_exact_for_a_leaky_relu_discriminator():
 
 # ------------------------------------------------------------------ the command
 
+@pytest.mark.skipif(not MAIN_RUN, reason="backend-independent: the main run of the suite tests it")
 def test_train_quick_suite_writes_results(tmp_path):
     from lipkernels.cli import main
     assert main(["train", "--suite", "--quick", "--out", str(tmp_path)]) == 0
@@ -209,6 +213,7 @@ def test_train_quick_suite_writes_results(tmp_path):
     assert "| gngan-fo |" in text and f"({stem}-samples.png)" in text
 
 
+@pytest.mark.skipif(not MAIN_RUN, reason="backend-independent: the main run of the suite tests it")
 def test_train_rejects_bad_arguments(tmp_path):
     from lipkernels.cli import main
     with pytest.raises(SystemExit, match="--method 'began' is not part of the small protocol"):
