@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "wgangp-toy (the WGAN-GP paper's toy experiment, its official settings: "
                             "8gaussians, 25gaussians, swissroll; wgangp, wgan) (default small)")
     train.add_argument("--method", default=None,
-                       help="small: nsgan, wgan, wgangp, sngan, gngan, gngan-fo, grand, granc; "
+                       help="small: nsgan, wgan, wgangp, sngan, gngan, gngan-fo, grand, granc, sagan, sagan-noattn (digits); "
                             "wgangp-toy: wgangp, wgan; or all (default gngan / wgangp)")
     train.add_argument("--data", default=None,
                        help="small: ring8, grid25, digits; wgangp-toy: 8gaussians, 25gaussians, "
