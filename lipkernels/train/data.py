@@ -160,19 +160,32 @@ class Sampler:
     """Batches of real data for one run, from its own generator (so the training's
     draws of ``z`` and the data's do not interleave differently across settings).
     :meth:`state_dict` / :meth:`load_state_dict` let a resumed run continue the same
-    stream of batches."""
+    stream of batches.
 
-    def __init__(self, name: str, seed: int, dtype: torch.dtype = torch.float32) -> None:
+    ``points``: for ``ring8`` / ``grid25``, a fixed training set of that many points drawn
+    once, read in a new shuffled order every pass (fuel's ``ShuffledScheme``, as PacGAN's
+    code streams its 100,000 points; a last partial batch of a pass is skipped); None:
+    fresh draws from the mixture for every batch."""
+
+    def __init__(self, name: str, seed: int, dtype: torch.dtype = torch.float32,
+                 points: Optional[int] = None) -> None:
         if name not in DATASETS:
             raise ValueError(f"data must be one of {', '.join(DATASETS)}, got {name!r}")
+        if points is not None and (name not in MIXTURES or points < 1):
+            raise ValueError(f"points: a fixed training set is for {', '.join(MIXTURES)} "
+                             f"(a positive count), got points={points!r} for {name!r}")
         self.name = name
         self.dtype = dtype
         self.generator = torch.Generator().manual_seed(10_000 + seed)
         self.mixture: Optional[Mixture] = None
         self.images = None
         self.position = 0
+        self.fixed: Optional[torch.Tensor] = None
+        self.order: Optional[torch.Tensor] = None
         if name in MIXTURES:
             self.mixture = mixture(name)
+            if points is not None:
+                self.fixed = self.mixture.sample(points, self.generator, dtype)
         elif name == "digits":
             self.images, _ = digits(dtype)
         elif name == "25gaussians":
@@ -200,7 +213,20 @@ class Sampler:
         self.position += n
         return out
 
+    def _shuffled(self, n: int) -> torch.Tensor:
+        if n > len(self.fixed):
+            raise ValueError(f"a batch of {n} is larger than the fixed training set "
+                             f"({len(self.fixed)} points)")
+        if self.order is None or self.position + n > len(self.fixed):   # a new pass
+            self.order = torch.randperm(len(self.fixed), generator=self.generator)
+            self.position = 0
+        out = self.fixed[self.order[self.position:self.position + n]]
+        self.position += n
+        return out
+
     def __call__(self, n: int) -> torch.Tensor:
+        if self.fixed is not None:
+            return self._shuffled(n)
         if self.mixture is not None:
             return self.mixture.sample(n, self.generator, self.dtype)
         if self.images is not None:
@@ -209,8 +235,10 @@ class Sampler:
         return self._toy(n)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "position": self.position}
+        return {"generator": self.generator.get_state(), "position": self.position,
+                "order": self.order}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.position = int(state["position"])
+        self.order = state.get("order")

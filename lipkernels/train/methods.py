@@ -49,6 +49,7 @@ generator ``z in R^32 -> dense 4x4x64 -> deconv 64->32 -> deconv 32->16 -> conv 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -82,6 +83,23 @@ class Method:
     sn_g: bool = False                 # spectral norm in G too (SA-GAN)
     attention: bool = False            # SA-GAN's self-attention blocks in G and D
     data: Optional[Tuple[str, ...]] = None   # the data sets it applies to (None: all)
+    #: PacGAN's packing: D judges ``pack`` samples at once (its networks take them
+    #: concatenated, ``protocols.Packed``); a batch is ``batch`` packs of ``pack`` samples
+    pack: int = 1
+    #: PacGAN's (ALI's) update: D's and G's gradients at the same parameters from one batch
+    #: of fakes, then both steps (``n_critic`` 1); False: the alternating steps of the
+    #: WGAN / SNGAN papers' algorithms (``n_critic`` D steps, then a G step on new fakes)
+    simultaneous: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pack < 1:
+            raise ValueError(f"Method {self.name}: pack must be >= 1, got {self.pack}")
+        if self.pack > 1 and (self.wrap is not None or self.gp_weight is not None):
+            raise ValueError(f"Method {self.name}: packing (pack {self.pack}) is defined here for "
+                             f"a plain discriminator only, not with wrap / gp_weight")
+        if self.simultaneous and (self.n_critic != 1 or self.gp_weight is not None):
+            raise ValueError(f"Method {self.name}: the simultaneous update needs n_critic 1 and "
+                             f"no gradient penalty")
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in [
@@ -210,6 +228,25 @@ def make_optimizer(m: Method, params, lr: Optional[float] = None) -> torch.optim
 
 # ------------------------------------------------------------------ one training step
 
+@contextlib.contextmanager
+def kept_buffers(module: nn.Module):
+    """Run the block and put ``module``'s buffers (spectral norm's u, v, running
+    statistics) back as they were: measuring a run does not change it."""
+    saved = {k: v.clone() for k, v in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in module.named_buffers():
+                v.copy_(saved[k])
+
+
+def real_split(out: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> int:
+    """How many of D's outputs on ``cat([real, fake])`` are the real data's: ``len(real)``,
+    or its number of packs when D packs samples (PacGAN)."""
+    return out.shape[0] * real.shape[0] // (real.shape[0] + fake.shape[0])
+
+
 class StepLoop:
     """The order of a training step, shared by :class:`Trainer` and its plain-PyTorch
     twin (``plain.PlainTrainer``), which differ in their formulas only: a subclass sets
@@ -242,9 +279,15 @@ class StepLoop:
             self.clip_()
         return float(d_loss.detach())
 
+    #: sample G in eval mode (its BatchNorm's running statistics), as PacGAN's code does;
+    #: the runner sets it from the protocol
+    sample_eval = False
+
     def step(self, real_batches: List[torch.Tensor]) -> Tuple[float, float]:
-        """One generator step after ``len(real_batches) == n_critic`` D steps;
-        returns ``(mean D loss, G loss)``."""
+        """One generator step after ``len(real_batches) == n_critic`` D steps (or, for a
+        simultaneous method, one step of both); returns ``(mean D loss, G loss)``."""
+        if self.m.simultaneous:
+            return self.simultaneous_step(real_batches[0])
         d_losses = [self.d_step(real) for real in real_batches]
         # Generator step: D's weights are constants here.
         self.D.requires_grad_(False)
@@ -257,15 +300,39 @@ class StepLoop:
             self.D.requires_grad_(True)
         return sum(d_losses) / len(d_losses), float(g_loss.detach())
 
+    def simultaneous_step(self, real: torch.Tensor) -> Tuple[float, float]:
+        """PacGAN's update (its ``ali_algorithm``): one batch of fakes ``G(z)``; D's
+        gradient of its loss and G's of its loss, both at the current parameters; then
+        both optimizer steps (and D's clipping, if any)."""
+        fake = self.G(self.z(real.shape[0]))
+        d_loss = self._d_loss(real, fake.detach(), None)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.D.requires_grad_(False)
+        try:
+            g_loss = self.g_loss_of(fake)
+            self.opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+        finally:
+            self.D.requires_grad_(True)
+        self.opt_d.step()
+        self.opt_g.step()
+        if self.m.clip is not None:
+            self.clip_()
+        return float(d_loss.detach()), float(g_loss.detach())
+
     @torch.no_grad()
     def sample(self, n: int, chunk: int = 2500) -> torch.Tensor:
-        """``n`` samples of G as it trains (training mode); G's buffers (spectral norm's
-        u, v, running statistics) are put back afterwards, so measuring a run does not
-        change it."""
-        saved = {k: v.clone() for k, v in self.G.named_buffers()}
-        out = [self.G(self.z(min(chunk, n - i))) for i in range(0, n, chunk)]
-        for k, v in self.G.named_buffers():
-            v.copy_(saved[k])
+        """``n`` samples of G as it trains (training mode; eval mode with
+        ``sample_eval``); G's buffers (spectral norm's u, v, running statistics) are put
+        back afterwards, so measuring a run does not change it."""
+        was = self.G.training
+        with kept_buffers(self.G):
+            self.G.train(not self.sample_eval and was)
+            try:
+                out = [self.G(self.z(min(chunk, n - i))) for i in range(0, n, chunk)]
+            finally:
+                self.G.train(was)
         return torch.cat(out)
 
 
@@ -320,7 +387,8 @@ class Trainer(StepLoop):
         m = self.m
         b = real.shape[0]
         out = self.d_model(torch.cat([real, fake])).reshape(-1)
-        loss = m.loss.d(out[:b], out[b:])
+        k = real_split(out, real, fake)
+        loss = m.loss.d(out[:k], out[k:])
         if m.gp_weight is not None:
             loss = loss + lnn.gradient_penalty(self.D, real, fake, weight=m.gp_weight,
                                                alpha=alpha, method=self.method)
@@ -328,7 +396,11 @@ class Trainer(StepLoop):
 
     def g_loss(self, z: torch.Tensor) -> torch.Tensor:
         """The generator's loss for latents ``z`` (call with D's weights frozen)."""
-        return self.m.loss.g(self.g_model(self.G(z)).reshape(-1))
+        return self.g_loss_of(self.G(z))
+
+    def g_loss_of(self, fake: torch.Tensor) -> torch.Tensor:
+        """The generator's loss for its samples ``fake`` (with their graph)."""
+        return self.m.loss.g(self.g_model(fake).reshape(-1))
 
     def clip_(self) -> None:
         clip_weights_(self.D, self.m.clip)
@@ -339,19 +411,17 @@ class Trainer(StepLoop):
         GraN's normalized value, else ``f``): how the discriminator separates the data.
         D's buffers are put back, so this does not change the run."""
         from ..nn._grad import input_gradient
-        saved = {k: v.clone() for k, v in self.D.named_buffers()}
         with torch.no_grad():
             fake = self.G(self.z(min(n, real.shape[0])))
         out: Dict[str, float] = {}
-        for name, x in (("real", real[:n]), ("fake", fake)):
-            f, g = input_gradient(self.D, x, create_graph=False)
-            with torch.no_grad():
-                o = self.d_model(x).reshape(-1) if self.m.wrap is not None else f.reshape(-1)
-            out[f"f_{name}"] = float(f.detach().reshape(-1).median())
-            out[f"n_{name}"] = float(g.flatten(1).norm(dim=1).median())
-            out[f"out_{name}"] = float(o.detach().median())
-        for k, v in self.D.named_buffers():
-            v.copy_(saved[k])
+        with kept_buffers(self.D):
+            for name, x in (("real", real[:n]), ("fake", fake)):
+                f, g = input_gradient(self.D, x, create_graph=False)
+                with torch.no_grad():
+                    o = self.d_model(x).reshape(-1) if self.m.wrap is not None else f.reshape(-1)
+                out[f"f_{name}"] = float(f.detach().reshape(-1).median())
+                out[f"n_{name}"] = float(g.flatten(1).norm(dim=1).median())
+                out[f"out_{name}"] = float(o.detach().median())
         return out
 
     def state_dict(self) -> dict:

@@ -4,8 +4,9 @@
 
 * each sample is assigned to its nearest mode center; it is *high quality* when it lies
   within ``3 sigma`` of that center;
-* a mode is *covered* when at least 20 high-quality samples are assigned to it (PacGAN's
-  threshold: 20 of 2,500 samples, against 2500 / K expected);
+* a mode is *covered* when at least 20 high-quality samples are assigned to it (20 of
+  2,500 samples, against 2500 / K expected); ``modes1`` counts the modes with at least one
+  high-quality sample, the rule of PacGAN's code (``MetricLogger`` in fjxmlzn/PacGAN);
 * ``kl``: ``KL(p || uniform)`` of the histogram ``p`` of nearest modes over *all* N
   samples (``sum p_k log(K p_k)``, in nats, 0 for a perfectly balanced histogram,
   ``log K`` when every sample goes to one mode).
@@ -88,6 +89,7 @@ def _mode_metrics(finite: torch.Tensor, sigmas: torch.Tensor, nearest: torch.Ten
     p = counts / n
     kl = float((p[p > 0] * torch.log(p[p > 0] * k)).sum()) if finite.any() else math.log(k)
     out = {"modes": int((counts_hq >= threshold).sum()),
+           "modes1": int((counts_hq >= 1).sum()),
            "hq": 100.0 * float(hq.sum()) / max(len(finite), 1),
            "kl": kl}
     if extra:
@@ -205,10 +207,13 @@ def digits_evaluator(epochs: int = 30, seed: int = 0) -> DigitsEvaluator:
 TOY_EXTRA = ("modes10", "spread")
 
 
-def metric_names(data: str):
+def metric_names(data: str, protocol: Optional[str] = None):
+    """The metrics the tables show for ``data`` (under ``protocol``: PacGAN's adds
+    ``modes1``, its code's rule, a mode covered by one high-quality sample)."""
     if data == "digits":
         return ("fdd", "classes", "entropy")
-    return ("modes", "hq", "kl") + (TOY_EXTRA if data in TOY else ())
+    return (("modes", "hq", "kl") + (("modes1",) if protocol == "pacgan" else ())
+            + (TOY_EXTRA if data in TOY else ()))
 
 
 def evaluate(data: str, samples: torch.Tensor, evaluator: Optional[DigitsEvaluator] = None,

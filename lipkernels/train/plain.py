@@ -220,7 +220,7 @@ class PlainTrainer(StepLoop):
         first-order generator step when ``generator_step`` and ``m.first_order_g``)."""
         m = self.m
         if m.wrap is None:
-            return self.D(x).reshape(x.shape[0])
+            return self.D(x).reshape(-1)   # one output per sample, or per pack (PacGAN)
         # GraN has no first-order variant (the Trainer runs it exactly in both steps).
         first_order = generator_step and m.first_order_g and m.wrap == "gn"
         f, n = scores_and_gradient_norm(self.D, x, create_graph=not first_order)
@@ -244,7 +244,8 @@ class PlainTrainer(StepLoop):
         gradient penalty with weights ``alpha`` (drawn when None)."""
         b = real.shape[0]
         out = self.scores(torch.cat([real, fake]))
-        loss = self.loss_d(out[:b], out[b:])
+        k = out.shape[0] * b // (b + fake.shape[0])   # real outputs first: samples or packs
+        loss = self.loss_d(out[:k], out[k:])
         if self.m.gp_weight is not None:
             if alpha is None:
                 alpha = torch.rand(b, dtype=real.dtype, device=real.device)
@@ -253,7 +254,11 @@ class PlainTrainer(StepLoop):
 
     def g_loss(self, z: torch.Tensor) -> torch.Tensor:
         """The generator's loss for latents ``z`` (call with D's weights frozen)."""
-        return self.loss_g(self.scores(self.G(z), generator_step=True))
+        return self.g_loss_of(self.G(z))
+
+    def g_loss_of(self, fake: torch.Tensor) -> torch.Tensor:
+        """The generator's loss for its samples ``fake`` (PacGAN's simultaneous step)."""
+        return self.loss_g(self.scores(fake, generator_step=True))
 
     @torch.no_grad()
     def clip_(self) -> None:

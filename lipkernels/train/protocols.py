@@ -7,6 +7,21 @@ protocol       what it is
 small          lipkernels' own small protocol (``methods.METHODS``): the PacGAN ring and
                grid and the digits, small networks, every method of the seeds with its
                paper's image-scale settings; sized to run on two CPU cores
+pacgan         the mode-collapse experiment of PacGAN (Lin et al. 2018, the ring and grid
+               of VEEGAN, Srivastava et al. 2017), with the settings of PacGAN's official
+               code (fjxmlzn/PacGAN, ``synthetic_data_experiments``): ``ring8`` (radius 1,
+               sigma 0.01) and ``grid25`` ({-4, ..., 4}^2, sigma 0.05) as a fixed set of
+               100,000 points (packs) read in a new shuffled order every epoch; G
+               ``2 -> 400 x 4 -> 2`` (no biases but the output's; BatchNorm with
+               epsilon 1e-4 and momentum 0.05, ReLU), D three maxout layers of 200 units
+               with 5 pieces and a linear output; every weight N(0, 0.02), biases 0;
+               z ~ N(0, I_2); batch 100 (packs); metrics over 2,500 samples of G in eval
+               mode. ``nsgan`` is the code's GAN (packing 1): BCE on logits, Adam(1e-4,
+               betas (0.8, 0.999)), D and G updated simultaneously from one batch of
+               fakes; ``pacgan2`` / ``pacgan3`` / ``pacgan4`` the same with packing 2-4.
+               The seed papers' methods keep their own loss, Lipschitz device,
+               optimizer and critic steps (``methods.METHODS``; WGAN-GP with the WGAN-GP
+               authors' 2-D lambda 0.1) on these networks and data
 wgangp-toy     the WGAN-GP paper's toy experiment (Gulrajani et al. 2017, section 4 and
                Figure 1; the settings of its official script ``gan_toy.py`` of
                igul222/improved_wgan_training): ``8gaussians``, ``25gaussians``,
@@ -23,6 +38,7 @@ with ``sqrt(2 / (fan_in + fan_out))`` ("glorot"), every bias 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -52,6 +68,16 @@ class Protocol:
     default_method: str
     #: the committed long runs' budgets (--long), by data set or by "method:data"
     long_steps: Optional[Dict[str, int]] = None
+    #: a fixed training set of this many points (packs) per run, read in a new shuffled
+    #: order every pass (PacGAN's 100,000); None: fresh draws from the distribution
+    data_points: Optional[int] = None
+    #: G sampled in eval mode for the metrics (its BatchNorm's running statistics)
+    sample_eval: bool = False
+    #: the suite's budget per "method:data" where it is not ``steps[data]``
+    suite_steps: Optional[Dict[str, int]] = None
+
+    def budget(self, method: str, data: str) -> int:
+        return (self.suite_steps or {}).get(f"{method}:{data}", self.steps[data])
 
     def long_budget(self, method: str, data: str) -> int:
         return self.long_steps.get(f"{method}:{data}", self.long_steps[data])
@@ -124,6 +150,103 @@ TOY_METHODS: Dict[str, Method] = {m.name: m for m in [
 ]}
 
 
+# ------------------------------------------------------------------ PacGAN
+
+PAC_G_WIDTH, PAC_G_DEPTH = 400, 4
+PAC_D_WIDTH, PAC_D_PIECES, PAC_D_DEPTH = 200, 5, 3
+PAC_INIT_STD = 0.02
+
+
+class Maxout(nn.Module):
+    """A maxout layer (Goodfellow et al. 2013) as blocks' ``LinearMaxout``: a linear map
+    to ``width * pieces`` units, then the maximum over each run of ``pieces`` consecutive
+    units. ``linear`` makes the linear map (``nn.Linear`` or ``lipkernels.nn.SNLinear``)."""
+
+    def __init__(self, n_in: int, width: int, pieces: int, linear=nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear(n_in, width * pieces)
+        self.pieces = pieces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y.reshape(*y.shape[:-1], -1, self.pieces).amax(-1)
+
+
+class Packed(nn.Module):
+    """PacGAN's packing: ``net`` judges ``pack`` samples at once, concatenated. Input
+    ``(N, d)`` with ``N`` a multiple of ``pack``; consecutive rows make a pack; output one
+    score per pack, ``(N / pack, ...)``."""
+
+    def __init__(self, net: nn.Module, pack: int) -> None:
+        super().__init__()
+        self.net = net
+        self.pack = pack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % self.pack:
+            raise ValueError(f"Packed: the batch ({x.shape[0]}) must be a multiple of the "
+                             f"packing degree {self.pack}")
+        return self.net(x.reshape(x.shape[0] // self.pack, -1))
+
+
+def pacgan_generator(z_dim: int = 2) -> nn.Sequential:
+    """PacGAN's generator for the 2-D sets: 4 hidden layers of 400 (linear without bias,
+    BatchNorm as blocks' with epsilon 1e-4, running averages with weight 0.05, ReLU),
+    a linear output with bias; weights N(0, 0.02)."""
+    layers = []
+    dims = [z_dim] + [PAC_G_WIDTH] * PAC_G_DEPTH
+    for a, b in zip(dims[:-1], dims[1:]):
+        lin = nn.Linear(a, b, bias=False)
+        nn.init.normal_(lin.weight, 0.0, PAC_INIT_STD)
+        layers += [lin, nn.BatchNorm1d(b, eps=1e-4, momentum=0.05), nn.ReLU()]
+    out = nn.Linear(dims[-1], 2)
+    nn.init.normal_(out.weight, 0.0, PAC_INIT_STD)
+    nn.init.zeros_(out.bias)
+    return nn.Sequential(*layers, out)
+
+
+def pacgan_discriminator(pack: int = 1, sn: bool = False) -> nn.Module:
+    """PacGAN's discriminator: three maxout layers (200 units, 5 pieces) and a linear
+    output, on ``pack`` concatenated 2-D samples; weights N(0, 0.02), biases 0; with
+    ``sn`` every linear map spectrally normalized (``lipkernels.nn.SNLinear``)."""
+    from .. import nn as lnn
+    linear = lnn.SNLinear if sn else nn.Linear
+    layers = [Maxout(2 * pack if i == 0 else PAC_D_WIDTH, PAC_D_WIDTH, PAC_D_PIECES, linear)
+              for i in range(PAC_D_DEPTH)]
+    net = nn.Sequential(*layers, linear(PAC_D_WIDTH, 1))
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.Linear):
+                w = mod.parametrizations.weight.original if hasattr(mod, "parametrizations") \
+                    else mod.weight
+                w.normal_(0.0, PAC_INIT_STD)
+                nn.init.zeros_(mod.bias)
+    return Packed(net, pack) if pack > 1 else net
+
+
+def _pacgan_build(m: Method, data: str) -> Tuple[nn.Module, nn.Module, int]:
+    return pacgan_generator(2), pacgan_discriminator(m.pack, m.spectral_norm), 2
+
+
+_PAC_SOURCE = ("Lin et al. 2018, fjxmlzn/PacGAN synthetic_data_experiments: BCE, Adam(1e-4, "
+               "beta1 0.8), simultaneous updates (ali_algorithm)")
+
+
+def _pacgan_methods() -> Dict[str, Method]:
+    pac = [Method("nsgan", "GAN (PacGAN's code, packing 1)", losses.nonsaturating, "adam", 1e-4,
+                  (0.8, 0.999), 1, simultaneous=True, source=_PAC_SOURCE)]
+    pac += [dataclasses.replace(pac[0], name=f"pacgan{k}", title=f"PacGAN{k}", pack=k)
+            for k in (2, 3, 4)]
+    seeds = [methods_mod.METHODS[n] for n in ("wgan", "wgangp", "sngan", "gngan", "grand", "granc")]
+    seeds = [dataclasses.replace(s, gp_weight=0.1, source=s.source + "; lambda 0.1 (gan_toy.py, "
+                                 "the WGAN-GP authors' 2-D setting)") if s.name == "wgangp" else s
+             for s in seeds]
+    return {m.name: m for m in pac + seeds}
+
+
+PACGAN_METHODS: Dict[str, Method] = _pacgan_methods()
+PACGAN_EPOCH = 1000   # iterations (D steps) per pass over the 100,000 packs at batch 100
+
 # ------------------------------------------------------------------ the table
 
 PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
@@ -138,6 +261,20 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
              {d: 2000 for d in data_mod.TOY}, (0,), _toy_build, "wgangp",
              {"8gaussians": 5000, "25gaussians": 8000, "swissroll": 2000,
               "wgan:8gaussians": 2000, "wgan:25gaussians": 2000}),
+    # Budgets in D steps (epochs of 1,000): the suite 5 epochs, --long 10 (the code runs
+    # 400); the 5-critic-step methods make a G step of 5 D steps.
+    Protocol("pacgan", "PacGAN mode-collapse experiment",
+             "Lin et al. 2018 (PacGAN), fjxmlzn/PacGAN synthetic_data_experiments",
+             data_mod.MIXTURES, PACGAN_METHODS, {d: 100 for d in data_mod.MIXTURES},
+             {d: 5 * PACGAN_EPOCH for d in data_mod.MIXTURES}, (0,), _pacgan_build, "nsgan",
+             {**{d: 10 * PACGAN_EPOCH for d in data_mod.MIXTURES},
+              **{f"{m}:{d}": 10 * PACGAN_EPOCH // PACGAN_METHODS[m].n_critic
+                 for m in PACGAN_METHODS if PACGAN_METHODS[m].n_critic > 1
+                 for d in data_mod.MIXTURES}},
+             data_points=100_000, sample_eval=True,
+             suite_steps={f"{m}:{d}": 5 * PACGAN_EPOCH // PACGAN_METHODS[m].n_critic
+                          for m in PACGAN_METHODS if PACGAN_METHODS[m].n_critic > 1
+                          for d in data_mod.MIXTURES}),
 ]}
 
 
@@ -156,4 +293,5 @@ def find(method: str, data: str, name: Optional[str] = None) -> Tuple[Protocol, 
     return p, p.check(method, data)
 
 
-__all__ = ["Protocol", "PROTOCOLS", "protocol", "find", "toy_mlp", "TOY_METHODS"]
+__all__ = ["Protocol", "PROTOCOLS", "protocol", "find", "toy_mlp", "TOY_METHODS", "Maxout",
+           "Packed", "pacgan_generator", "pacgan_discriminator", "PACGAN_METHODS"]

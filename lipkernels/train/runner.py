@@ -105,7 +105,10 @@ def train_run(method: str, data: str, steps: int, seed: int = 0, backend: str = 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     batch = batch or p.batch[data]
-    sampler = data_mod.Sampler(data, seed, dtype)
+    # PacGAN's packing: a batch is ``batch`` packs of ``m.pack`` samples each.
+    points = batch * m.pack
+    sampler = data_mod.Sampler(data, seed, dtype,
+                               points=p.data_points * m.pack if p.data_points else None)
     if data == "digits" and evaluator is None:
         evaluator = metrics_mod.digits_evaluator(CLASSIFIER_EPOCHS)
     mix = sampler.target
@@ -118,13 +121,14 @@ def train_run(method: str, data: str, steps: int, seed: int = 0, backend: str = 
         diagnose = False
     elif impl != "lipkernels":
         raise ValueError(f"impl must be 'lipkernels' or 'plain', got {impl!r}")
+    trainer.sample_eval = p.sample_eval
     n_eval = n_eval or (metrics_mod.N_SAMPLES if data != "digits" else len(sampler.images))
     config = _config(method, data, seed, batch, dtype, p.name)
     if impl != "lipkernels":
         config["impl"] = impl
     if overrides:
         config["overrides"] = dict(overrides)
-    diag_data = data_mod.Sampler(data, seed + 777, dtype)
+    diag_data = data_mod.Sampler(data, seed + 777, dtype) if diagnose else None
     log = {"d_loss": [], "g_loss": [], "curve": [], "train_time": 0.0}
     first = 1
     if checkpoint and os.path.exists(checkpoint):
@@ -170,7 +174,7 @@ def train_run(method: str, data: str, steps: int, seed: int = 0, backend: str = 
     show = Progress(f"{method} {data} seed {seed}", steps, force=False) if progress else None
     with use_backend(backend):
         for step in range(first, steps + 1):
-            reals = [sampler(batch) for _ in range(m.n_critic)]
+            reals = [sampler(points) for _ in range(m.n_critic)]
             t0 = time.perf_counter()
             d_loss, g_loss = trainer.step(reals)
             log["train_time"] += time.perf_counter() - t0
@@ -255,7 +259,7 @@ def summarize(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
         out[d] = {}
         for meth, rs in by_m.items():
             cell = {}
-            for key in metrics_mod.metric_names(d):
+            for key in metrics_mod.metric_names(d, rs[0].get("protocol")):
                 cell[key] = list(_mean_std([r["final"][key] for r in rs]))
             cell["ms_per_step"] = list(_mean_std([1e3 * r["seconds_per_step"] for r in rs]))
             cell["seeds"] = [r["seed"] for r in rs]
@@ -272,7 +276,7 @@ def _fmt(ms, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-HEADERS = {"modes": ("modes", 1), "hq": ("HQ %", 1), "kl": ("KL", 2),
+HEADERS = {"modes": ("modes", 1), "modes1": ("modes (1 HQ)", 1), "hq": ("HQ %", 1), "kl": ("KL", 2),
            "modes10": ("modes (10σ)", 1), "spread": ("median dist. (σ)", 1),
            "fdd": ("FDD", 2), "classes": ("classes", 1), "entropy": ("entropy (bits)", 2)}
 
@@ -302,7 +306,7 @@ def markdown(results: dict, picture: Optional[str] = None) -> str:
                      + ", ".join(f"{k} = {v:g}" for k, v in results["overrides"].items()) + ".")
     ev = results.get("digits_classifier")
     for d in [x for x in data_mod.DATASETS if x in summ]:
-        names = metrics_mod.metric_names(d)
+        names = metrics_mod.metric_names(d, results.get("protocol"))
         per = sorted({c.get("steps", results["steps"][d]) for c in summ[d].values()})
         mixed = len(per) > 1     # the methods ran different budgets: a column says which
         steps = results["steps"][d] if not mixed else " / ".join(map(str, per))
@@ -446,11 +450,12 @@ def _worker_init(threads: int) -> None:
 
 def _run_task(task: dict, evaluator) -> dict:
     """One task of a command line; its record is left beside its checkpoint."""
+    task = dict(task)
+    record = task.pop("record", None)
     t0 = time.perf_counter()
     r = train_run(evaluator=evaluator if task["data"] == "digits" else None, **task)
     r["run_seconds"] = time.perf_counter() - t0
-    if task.get("checkpoint"):
-        record = task["checkpoint"][:-len(".ckpt")] + ".run.pt"
+    if record:
         torch.save(r, record + ".tmp")
         os.replace(record + ".tmp", record)
     return r
@@ -504,7 +509,7 @@ def plan(args) -> tuple:
     def budget(m: str, d: str) -> int:
         if args.steps or args.quick:
             return args.steps or QUICK_STEPS
-        return p.long_budget(m, d) if long else p.steps[d]
+        return p.long_budget(m, d) if long else p.budget(m, d)
     steps = {d: max(budget(m, d) for m in meths) for d in datas}
     dtype = DTYPES[args.dtype]
     every = getattr(args, "eval_every", None)
@@ -586,7 +591,7 @@ def main(args) -> int:
     runs_done: Dict[int, dict] = {}
     for i, task in enumerate(tasks):
         ckpt, record = _task_files(task, folder)
-        task.update(checkpoint=ckpt, checkpoint_every=every if every is not None else CHECKPOINT_EVERY)
+        task.update(checkpoint=ckpt, record=record, checkpoint_every=every if every is not None else CHECKPOINT_EVERY)
         if getattr(args, "resume", False):
             if os.path.exists(record):
                 r = torch.load(record, weights_only=False)
