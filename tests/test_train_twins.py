@@ -14,7 +14,7 @@ from torch import nn
 import lipkernels
 from lipkernels import losses
 from lipkernels.nn.spectral_norm import _SpectralNorm as LipkernelsSpectralNorm
-from lipkernels.train import data, methods
+from lipkernels.train import data, methods, protocols
 from lipkernels.train.methods import Method, Trainer
 from lipkernels.train.plain import PlainTrainer, check_plain
 
@@ -160,6 +160,10 @@ VARIANTS = {
     # A GraN critic with other tau and eps, Wasserstein loss, clipping, torch's RMSprop.
     "gran-clip": (Method("gran-clip", "", losses.wasserstein, "rmsprop", 1e-4, n_critic=3,
                          clip=0.05, wrap="gran", gran_tau=0.5, gran_eps=1e-2), methods.build),
+    # PacGAN's code on its networks: packing 2, simultaneous updates, BatchNorm in G.
+    "pacgan2": (protocols.PROTOCOLS["pacgan"].methods["pacgan2"], protocols._pacgan_build),
+    # SNGAN on PacGAN's maxout discriminator (the spectral norm of maxout's linear maps).
+    "sngan-maxout": (protocols.PROTOCOLS["pacgan"].methods["sngan"], protocols._pacgan_build),
     # WGAN-GP on spectrally normalized layers with BCE (the GP's forward iterates too).
     "gp-sn-bce": (Method("gp-sn-bce", "", losses.nonsaturating, "adam", 2e-4, (0.0, 0.9), 2,
                          gp_weight=1.0, spectral_norm=True), methods.build),

@@ -90,6 +90,11 @@ def seeded_member(p: protocols_mod.Protocol, m: methods_mod.Method, data: str, s
 def check_supported(m: methods_mod.Method, G: nn.Module, D: nn.Module, data: str) -> None:
     """Raise ``NotImplementedError`` naming the reason when the ensemble cannot
     reproduce method ``m``'s runs on ``data`` (networks ``G``, ``D``)."""
+    if m.simultaneous or m.pack > 1:
+        raise NotImplementedError(
+            f"EnsembleTrainer: method {m.name!r} on data {data!r} is not supported: PacGAN's "
+            f"simultaneous update and packing are not stacked. Train its seeds one by one "
+            f"with lipkernels.train.runner.train_run")
     for name, net in (("generator", G), ("discriminator", D)):
         for mod in net.modules():
             for cls, why in _UNSUPPORTED:
@@ -173,6 +178,11 @@ class EnsembleTrainer:
             raise ValueError(f"EnsembleTrainer: grad must be one of {', '.join(self.GRADS)}, "
                              f"got {grad!r}")
         p, m = protocols_mod.find(method_name, data, protocol)
+        if p.data_points is not None or p.sample_eval:
+            raise NotImplementedError(
+                f"EnsembleTrainer: the {p.name} protocol is not supported (its fixed training "
+                f"set and eval-mode sampling are not stacked); train its seeds one by one "
+                f"with lipkernels.train.runner.train_run")
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise ValueError("EnsembleTrainer: seeds must hold at least one seed")

@@ -160,11 +160,12 @@ PAC_INIT_STD = 0.02
 class Maxout(nn.Module):
     """A maxout layer (Goodfellow et al. 2013) as blocks' ``LinearMaxout``: a linear map
     to ``width * pieces`` units, then the maximum over each run of ``pieces`` consecutive
-    units. ``linear`` makes the linear map (``nn.Linear`` or ``lipkernels.nn.SNLinear``)."""
+    units. ``linear``: the linear map (default ``nn.Linear(n_in, width * pieces)``)."""
 
-    def __init__(self, n_in: int, width: int, pieces: int, linear=nn.Linear) -> None:
+    def __init__(self, n_in: int, width: int, pieces: int, linear: Optional[nn.Module] = None
+                 ) -> None:
         super().__init__()
-        self.linear = linear(n_in, width * pieces)
+        self.linear = linear if linear is not None else nn.Linear(n_in, width * pieces)
         self.pieces = pieces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,19 +209,20 @@ def pacgan_generator(z_dim: int = 2) -> nn.Sequential:
 def pacgan_discriminator(pack: int = 1, sn: bool = False) -> nn.Module:
     """PacGAN's discriminator: three maxout layers (200 units, 5 pieces) and a linear
     output, on ``pack`` concatenated 2-D samples; weights N(0, 0.02), biases 0; with
-    ``sn`` every linear map spectrally normalized (``lipkernels.nn.SNLinear``)."""
-    from .. import nn as lnn
-    linear = lnn.SNLinear if sn else nn.Linear
-    layers = [Maxout(2 * pack if i == 0 else PAC_D_WIDTH, PAC_D_WIDTH, PAC_D_PIECES, linear)
-              for i in range(PAC_D_DEPTH)]
+    ``sn`` every linear map then spectrally normalized (``lipkernels.spectral_norm``,
+    registered after the initialisation, so its u, v are those of these weights)."""
+    from .. import spectral_norm
+
+    def linear(a: int, b: int) -> nn.Module:
+        lin = nn.Linear(a, b)
+        nn.init.normal_(lin.weight, 0.0, PAC_INIT_STD)
+        nn.init.zeros_(lin.bias)
+        return spectral_norm(lin) if sn else lin
+
+    dims = [2 * pack] + [PAC_D_WIDTH] * PAC_D_DEPTH
+    layers = [Maxout(a, b, PAC_D_PIECES, linear(a, b * PAC_D_PIECES))
+              for a, b in zip(dims[:-1], dims[1:])]
     net = nn.Sequential(*layers, linear(PAC_D_WIDTH, 1))
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, nn.Linear):
-                w = mod.parametrizations.weight.original if hasattr(mod, "parametrizations") \
-                    else mod.weight
-                w.normal_(0.0, PAC_INIT_STD)
-                nn.init.zeros_(mod.bias)
     return Packed(net, pack) if pack > 1 else net
 
 
