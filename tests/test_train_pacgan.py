@@ -226,3 +226,19 @@ def test_ensemble_refuses_the_protocol():
     from lipkernels.train.ensemble import EnsembleTrainer
     with pytest.raises(NotImplementedError, match="the pacgan protocol is not supported"):
         EnsembleTrainer("sngan", "ring8", [0, 1], protocol="pacgan")
+
+
+def test_suite_command_runs_every_pair(tmp_path):
+    import json
+    import os
+    from lipkernels.cli import main
+    args = ["train", "--protocol", "pacgan", "--suite", "--steps", "2", "--out", str(tmp_path),
+            "--no-plot"]
+    assert main(args) == 0
+    stem = [n for n in os.listdir(tmp_path) if n.endswith(".json")][0]
+    res = json.load(open(tmp_path / stem))
+    assert {(r["method"], r["data"]) for r in res["runs"]} == {
+        (m, d) for m in P.methods for d in ("ring8", "grid25")}
+    assert all(r["protocol"] == "pacgan" and "modes1" in r["final"] for r in res["runs"])
+    md = open(tmp_path / stem.replace(".json", ".md")).read()
+    assert "| pacgan4 |" in md and "modes (1 HQ)" in md

@@ -402,6 +402,8 @@ def _plot(results: dict, runs: List[dict], stem: str) -> List[str]:
     paths.append(path)
     # Curves: per data set, the G and D losses (smoothed) and the first metric over steps.
     fig, axes = plt.subplots(2, len(datas), figsize=(4.5 * len(datas), 6.5), squeeze=False)
+    # PacGAN's budgets are in D steps (epochs): its curves are drawn over D steps.
+    in_d_steps = results.get("protocol") == "pacgan"
     for j, d in enumerate(datas):
         key = metrics_mod.metric_names(d)[0]
         for meth in meths:
@@ -409,15 +411,17 @@ def _plot(results: dict, runs: List[dict], stem: str) -> List[str]:
             if not rs:
                 continue
             r = rs[0]
+            x = r.get("n_critic", 1) if in_d_steps else 1
             w = max(1, len(r["g_loss"]) // 50)
             g = torch.tensor(r["g_loss"])
             g = g[: len(g) // w * w].reshape(-1, w).mean(1)
-            axes[0][j].plot(torch.arange(len(g)) * w + w, g, label=meth, lw=1)
-            axes[1][j].plot([c["step"] for c in r["curve"]], [c[key] for c in r["curve"]],
+            axes[0][j].plot((torch.arange(len(g)) * w + w) * x, g, label=meth, lw=1)
+            axes[1][j].plot([c["step"] * x for c in r["curve"]], [c[key] for c in r["curve"]],
                             label=meth, lw=1, marker=".")
-        axes[0][j].set_title(f"{d}: generator loss (seed {results['seeds'][0]})", fontsize=9)
-        axes[1][j].set_title(f"{d}: {HEADERS[key][0]}", fontsize=9)
-        axes[1][j].set_xlabel("generator step")
+        seed = results["seeds"][0]
+        axes[0][j].set_title(f"{d}: generator loss (seed {seed})", fontsize=9)
+        axes[1][j].set_title(f"{d}: {HEADERS[key][0]} (seed {seed})", fontsize=9)
+        axes[1][j].set_xlabel("D step" if in_d_steps else "generator step")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path = stem + "-curves.png"
