@@ -248,22 +248,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "with lipkernels' layers and penalties, and measure it (README: Training). "
                     "Writes DIR/train-<date>.json (results, provenance), .md (table) and PNGs.")
     train.add_argument("--protocol", default="small",
-                       help="small (lipkernels' own: ring8, grid25, digits; every method) or "
+                       help="small (lipkernels' own: ring8, grid25, digits; every method), "
                             "wgangp-toy (the WGAN-GP paper's toy experiment, its official settings: "
-                            "8gaussians, 25gaussians, swissroll; wgangp, wgan) (default small)")
+                            "8gaussians, 25gaussians, swissroll; wgangp, wgan) or pacgan (PacGAN's "
+                            "mode-collapse experiment, its official code's settings: ring8, grid25) "
+                            "(default small)")
     train.add_argument("--method", default=None,
                        help="small: nsgan, wgan, wgangp, sngan, gngan, gngan-fo, grand, granc, sagan, sagan-noattn (digits); "
-                            "wgangp-toy: wgangp, wgan; or all (default gngan / wgangp)")
+                            "wgangp-toy: wgangp, wgan; pacgan: nsgan, pacgan2, pacgan3, pacgan4, "
+                            "wgan, wgangp, sngan, gngan, grand, granc; or all "
+                            "(default gngan / wgangp / nsgan)")
     train.add_argument("--data", default=None,
                        help="small: ring8, grid25, digits; wgangp-toy: 8gaussians, 25gaussians, "
-                            "swissroll; or all (default: the protocol's first)")
+                            "swissroll; pacgan: ring8, grid25; or all (default: the protocol's first)")
     train.add_argument("--steps", type=int, default=None,
                        help="generator steps (default: the protocol's budget: small 2000 for the "
-                            "2-D data, 400 for digits; wgangp-toy 2000)")
+                            "2-D data, 400 for digits; wgangp-toy 2000; pacgan 5 epochs: 5000 D "
+                            "steps, 1000 generator steps for the 5-critic-step methods)")
     train.add_argument("--long", action="store_true",
                        help="the protocol's long budget, of the committed runs (wgangp-toy: wgangp "
                             "5000 generator steps on 8gaussians, 8000 on 25gaussians, 2000 on "
-                            "swissroll; wgan 2000 on each)")
+                            "swissroll; wgan 2000 on each; pacgan: 10 epochs, 10000 D steps)")
     train.add_argument("--resume", action="store_true",
                        help="continue the interrupted runs of this command from their checkpoints "
                             "in DIR/runs/ and reuse the finished ones (also: more --steps continue "
