@@ -121,8 +121,8 @@ def test_simultaneous_step_is_pacgan_s_update():
             p.grad = g
         od.step()
         og.step()
-        assert d_loss == pytest.approx(float(ld), rel=1e-12)
-        assert g_loss == pytest.approx(float(lg), rel=1e-12)
+        assert d_loss == pytest.approx(float(ld.detach()), rel=1e-12)
+        assert g_loss == pytest.approx(float(lg.detach()), rel=1e-12)
     for a, b in ((t.G, G2), (t.D, D2)):
         for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-13, msg=k)
