@@ -76,13 +76,14 @@ def test_mixture_metrics_on_true_and_collapsed_samples(name):
     true = mix.sample(2500, torch.Generator().manual_seed(1), torch.float64)
     m = metrics.mixture_metrics(true, mix)
     # P(|N(0, s^2 I_2)| <= 3 s) = 1 - exp(-9/2) = 98.89%; binomial sd over 2500: 0.2%.
-    assert m["modes"] == k
+    assert m["modes"] == m["modes1"] == k
     assert abs(m["hq"] - 100 * (1 - math.exp(-4.5))) < 1.0
     # KL of a multinomial histogram from uniform: about (K - 1) / (2 N).
     assert m["kl"] < 5 * (k - 1) / (2 * 2500)
     collapsed = mix.centers[3].expand(2500, 2).clone()
     m = metrics.mixture_metrics(collapsed, mix)
-    assert m == {"modes": 1, "hq": 100.0, "kl": pytest.approx(math.log(k), abs=1e-12)}
+    assert m == {"modes": 1, "modes1": 1, "hq": 100.0,
+                 "kl": pytest.approx(math.log(k), abs=1e-12)}
     far = torch.full((2500, 2), 100.0, dtype=torch.float64)
     assert metrics.mixture_metrics(far, mix)["hq"] == 0.0
 
