@@ -385,7 +385,6 @@ class Trainer(StepLoop):
         """The discriminator's loss on one batch (``fake`` without a graph; ``alpha``: the
         gradient penalty's interpolation weights, drawn when None)."""
         m = self.m
-        b = real.shape[0]
         out = self.d_model(torch.cat([real, fake])).reshape(-1)
         k = real_split(out, real, fake)
         loss = m.loss.d(out[:k], out[k:])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .methods import Method, StepLoop
+from .methods import Method, StepLoop, real_split
 
 # ------------------------------------------------------------------ losses
 
@@ -244,7 +244,7 @@ class PlainTrainer(StepLoop):
         gradient penalty with weights ``alpha`` (drawn when None)."""
         b = real.shape[0]
         out = self.scores(torch.cat([real, fake]))
-        k = out.shape[0] * b // (b + fake.shape[0])   # real outputs first: samples or packs
+        k = real_split(out, real, fake)   # real outputs first: samples or packs
         loss = self.loss_d(out[:k], out[k:])
         if self.m.gp_weight is not None:
             if alpha is None:
