@@ -256,11 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--method", default=None,
                        help="small: nsgan, wgan, wgangp, sngan, gngan, gngan-fo, grand, granc, sagan, sagan-noattn (digits); "
                             "wgangp-toy: wgangp, wgan; pacgan: nsgan, pacgan2, pacgan3, pacgan4, "
-                            "wgan, wgangp, sngan, gngan, grand, granc; or all "
-                            "(default gngan / wgangp / nsgan)")
+                            "wgan, wgangp, sngan, gngan, grand, granc; a comma-separated list of "
+                            "them, or all (default gngan / wgangp / nsgan)")
     train.add_argument("--data", default=None,
                        help="small: ring8, grid25, digits; wgangp-toy: 8gaussians, 25gaussians, "
-                            "swissroll; pacgan: ring8, grid25; or all (default: the protocol's first)")
+                            "swissroll; pacgan: ring8, grid25; a comma-separated list of them, or "
+                            "all (default: the protocol's first)")
     train.add_argument("--steps", type=int, default=None,
                        help="generator steps (default: the protocol's budget: small 2000 for the "
                             "2-D data, 400 for digits; wgangp-toy 2000; pacgan 5 epochs: 5000 D "

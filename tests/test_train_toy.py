@@ -225,11 +225,33 @@ def test_suite_resume_reuses_finished_runs(tmp_path, capsys):
     (["--method", "sagan", "--data", "ring8"], "--method sagan runs on digits only"),
     (["--long"], "the small protocol has no --long budget"),
     (["--figure", "1a"], "use --protocol wgangp-toy"),
+    (["--protocol", "wgangp-toy", "--data", "8gaussians,ring8"], "--data 'ring8' is not part of the wgangp-toy"),
+    (["--data", "ring8,"], "--data must be a name or a comma-separated list of names"),
+    (["--method", "sagan,sagan-noattn", "--data", "ring8,grid25"], "--method sagan runs on digits only"),
 ])
 def test_train_errors_name_the_bad_combination(argv, message, tmp_path):
     from lipkernels.cli import main
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
         main(["train", "--quick", "--out", str(tmp_path)] + argv)
+
+
+def test_data_and_method_lists_plan_their_pairs():
+    """``--data`` / ``--method`` take comma-separated lists (as ``--seed``): the tasks are
+    the pairs that belong together, each name once, in the order given."""
+    import argparse
+
+    def ns(**kw):
+        base = dict(protocol=None, suite=False, data=None, method=None, seed=None, quick=False,
+                    long=False, steps=None, dtype="float32", backend="auto")
+        return argparse.Namespace(**dict(base, **kw))
+    args = ns(protocol="wgangp-toy", method="wgan,wgangp,wgan", data="25gaussians,8gaussians", steps=7)
+    p, tasks, seeds, steps = runner.plan(args)
+    assert [(t["method"], t["data"]) for t in tasks] == [
+        ("wgan", "25gaussians"), ("wgangp", "25gaussians"), ("wgan", "8gaussians"), ("wgangp", "8gaussians")]
+    assert steps == {"25gaussians": 7, "8gaussians": 7} and seeds == [0]
+    args = ns(method="sagan,gngan", data="ring8,digits")
+    pairs = [(t["method"], t["data"]) for t in runner.plan(args)[1]]
+    assert pairs == [("gngan", "ring8"), ("sagan", "digits"), ("gngan", "digits")]
 
 
 def test_value_surface_small():

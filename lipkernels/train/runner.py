@@ -477,6 +477,14 @@ def _fail(msg: str):
     raise SystemExit(f"lipkernels train: {msg}")
 
 
+def _names(text: str, flag: str) -> list:
+    """The names of a comma-separated ``--data`` / ``--method`` value, each once, in order."""
+    names = [x.strip() for x in str(text).split(",")]
+    if not all(names):
+        _fail(f"{flag} must be a name or a comma-separated list of names, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def plan(args) -> tuple:
     """``(protocol, tasks, seeds, steps)`` of a command line, or a clear error for a
     method, data set or protocol that do not belong together."""
@@ -484,15 +492,16 @@ def plan(args) -> tuple:
         p = protocols_mod.protocol(getattr(args, "protocol", None) or "small")
     except ValueError as e:
         _fail(str(e))
-    datas = list(p.datasets) if (args.suite or args.data == "all") else [args.data or p.datasets[0]]
+    datas = (list(p.datasets) if (args.suite or args.data == "all")
+             else _names(args.data, "--data") if args.data else [p.datasets[0]])
     meths = (list(p.methods) if (args.suite or args.method == "all")
-             else [args.method or p.default_method])
+             else _names(args.method, "--method") if args.method else [p.default_method])
     try:
         for d in datas:
             p.check_data(d)
         for m in meths:
             p.method(m)
-        if len(datas) == 1 and len(meths) == 1:
+        if (len(datas) == 1 and len(meths) == 1) or not p.pairs(meths, datas):
             p.check(meths[0], datas[0])
     except ValueError as e:
         others = [q.name for q in protocols_mod.PROTOCOLS.values()
