@@ -2,7 +2,7 @@
 write a results JSON (with provenance), PNGs of samples and curves, and a Markdown
 report (method x data -> metrics, mean ± std over seeds).
 
-    lipkernels train --method gngan --data ring8 [--steps N] [--backend B] [--seed S]
+    lipkernels train --method gngan[,M...] --data ring8[,D...] [--steps N] [--backend B] [--seed S[,S...]]
     lipkernels train --suite [--quick] [--out DIR]
 """
 from __future__ import annotations
